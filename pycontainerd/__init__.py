@@ -1,0 +1,1 @@
+"""pycontainerd: a container supervisor that speaks containerd's API."""

@@ -1,0 +1,164 @@
+"""The project's error types and their gRPC status codes, in one place.
+
+Domain code raises these; the gRPC interceptor (``pycontainerd.grpc.interceptors``)
+turns them into statuses, and ``from_status`` turns a status back into the same class on
+the client side, as containerd's ``errdefs.ToGRPC``/``FromGRPC`` do. Messages follow
+containerd's ``"<context>: <class text>"`` style (``namespace "x": not found``), which
+``ctr`` prints verbatim.
+
+Hierarchy::
+
+    PycdError (UNKNOWN)
+    ├── InvalidArgument      INVALID_ARGUMENT
+    ├── NotFound             NOT_FOUND
+    ├── AlreadyExists        ALREADY_EXISTS
+    ├── FailedPrecondition   FAILED_PRECONDITION
+    ├── Unavailable          UNAVAILABLE
+    ├── NotImplemented       UNIMPLEMENTED
+    ├── Internal             INTERNAL
+    ├── OutOfRange           OUT_OF_RANGE
+    ├── DataLoss             DATA_LOSS
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED
+    ├── Canceled             CANCELLED
+    └── DeadlineExceeded     DEADLINE_EXCEEDED
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "AlreadyExists",
+    "Canceled",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "NotImplemented",
+    "OutOfRange",
+    "PycdError",
+    "ResourceExhausted",
+    "Unavailable",
+    "from_rpc_error",
+    "from_status",
+]
+
+
+class PycdError(Exception):
+    """Base of every domain error; unmapped failures surface as UNKNOWN, as in containerd."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    text: ClassVar[str] = "unknown"
+
+    def __init__(self, message: str = "") -> None:
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if not self.message:
+            return self.text
+        if self.message == self.text or self.message.endswith(": " + self.text):
+            return self.message
+        return f"{self.message}: {self.text}"
+
+
+class InvalidArgument(PycdError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    text = "invalid argument"
+
+
+class NotFound(PycdError):
+    code = grpc.StatusCode.NOT_FOUND
+    text = "not found"
+
+
+class AlreadyExists(PycdError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    text = "already exists"
+
+
+class FailedPrecondition(PycdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    text = "failed precondition"
+
+
+class Unavailable(PycdError):
+    code = grpc.StatusCode.UNAVAILABLE
+    text = "unavailable"
+
+
+class NotImplemented(PycdError):  # noqa: A001 - containerd's name for the class
+    code = grpc.StatusCode.UNIMPLEMENTED
+    text = "not implemented"
+
+
+class Internal(PycdError):
+    code = grpc.StatusCode.INTERNAL
+    text = "internal"
+
+
+class OutOfRange(PycdError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    text = "out of range"
+
+
+class DataLoss(PycdError):
+    code = grpc.StatusCode.DATA_LOSS
+    text = "data loss"
+
+
+class ResourceExhausted(PycdError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    text = "resource exhausted"
+
+
+class Canceled(PycdError):
+    code = grpc.StatusCode.CANCELLED
+    text = "context canceled"
+
+
+class DeadlineExceeded(PycdError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    text = "context deadline exceeded"
+
+
+_BY_CODE: dict[grpc.StatusCode, type[PycdError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Unavailable,
+        NotImplemented,
+        Internal,
+        OutOfRange,
+        DataLoss,
+        ResourceExhausted,
+        Canceled,
+        DeadlineExceeded,
+    )
+}
+
+
+def from_status(code: grpc.StatusCode, details: str | None) -> PycdError:
+    """Map a gRPC status back to the domain error a server raised."""
+    cls = _BY_CODE.get(code, PycdError)
+    message = details or ""
+    suffix = ": " + cls.text
+    if message.endswith(suffix):
+        message = message[: -len(suffix)]
+    elif message == cls.text:
+        message = ""
+    return cls(message)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> PycdError:
+    """Convert a raised ``grpc.RpcError`` (sync or aio) into a domain error."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return from_status(code, details)

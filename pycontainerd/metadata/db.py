@@ -1,0 +1,123 @@
+"""The metadata database: sqlite in WAL mode, owned by one dedicated thread.
+
+Every read and write of namespaced metadata goes through ``MetadataDB.view`` or
+``MetadataDB.update``. Each takes a *synchronous* closure that receives the connection;
+the closure runs on the database thread, so the event loop never blocks on sqlite, and
+``update`` wraps it in one ``BEGIN IMMEDIATE`` transaction (commit on return, rollback on
+exception). Closures must not await or call back into the loop.
+
+The schema and its migrations live in ``pycontainerd.metadata.schema``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from pycontainerd.errdefs import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class MetadataDB:
+    """A sqlite database served by a single worker thread."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata-db")
+        self._conn: sqlite3.Connection | None = None
+        self._thread_id: int | None = None
+        # Bumped on every committed write; the GC scheduler reads it to decide when to run.
+        self.mutations = 0
+
+    async def open(self) -> None:
+        from pycontainerd.metadata import schema
+
+        def _open() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._conn = conn
+            self._thread_id = threading.get_ident()
+            schema.migrate(conn)
+
+        await self._run(_open)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            await self._run(_close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    async def view(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only closure on the database thread."""
+
+        def _view() -> T:
+            conn = self._connection()
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._run(_view)
+
+    async def update(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a closure inside one write transaction on the database thread."""
+
+        def _update() -> T:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            self.mutations += 1
+            return result
+
+        return await self._run(_update)
+
+    def update_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``update`` for code already running on a worker thread (never on the loop)."""
+        return self._executor.submit(lambda: self._update_inline(fn)).result()
+
+    def _update_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        self.mutations += 1
+        return result
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise FailedPrecondition("metadata database is closed")
+        return self._conn
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
