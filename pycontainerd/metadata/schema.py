@@ -7,8 +7,21 @@ version; ``migrate`` applies each missing step in one transaction.
 Version 1::
 
     namespaces(name PK, labels JSON, created_at, updated_at)
-    leases(namespace, id, labels JSON, created_at)          PK(namespace, id)
-    lease_resources(namespace, lease, type, id)             PK(namespace, lease, type, id)
+    leases(namespace, id, labels JSON, created_at)                   PK(namespace, id)
+    lease_resources(namespace, lease, type, id)                      PK(namespace, lease, type, id)
+        type is "content", "ingests" or "snapshots/<snapshotter>"
+    content(namespace, digest, size, labels JSON, created_at, updated_at)   PK(namespace, digest)
+    ingests(namespace, ref, expected, expires_at, created_at)        PK(namespace, ref)
+        the backend ingest of a namespaced ref is keyed "<namespace>/<ref>"
+    images(namespace, name, media_type, digest, size, annotations JSON, labels JSON,
+           created_at, updated_at)                                   PK(namespace, name)
+    snapshots(namespace, snapshotter, key, backend_key, parent, kind, labels JSON,
+              created_at, updated_at)                                PK(namespace, snapshotter, key)
+        parent is the namespaced key of the parent; backend_key names it in the snapshotter
+    containers(namespace, id, labels JSON, image, runtime_name, runtime_options BLOB,
+               spec BLOB, snapshotter, snapshot_key, extensions BLOB, sandbox,
+               created_at, updated_at)                               PK(namespace, id)
+        runtime_options, spec and extensions hold serialized google.protobuf.Any values
 
 Later versions (added by the image, container and runtime work) extend this list.
 """
@@ -52,6 +65,65 @@ def _v1(conn: sqlite3.Connection) -> None:
             id TEXT NOT NULL,
             PRIMARY KEY (namespace, lease, type, id),
             FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
+        );
+        CREATE TABLE content (
+            namespace TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (namespace, digest)
+        );
+        CREATE INDEX content_by_digest ON content(digest);
+        CREATE TABLE ingests (
+            namespace TEXT NOT NULL,
+            ref TEXT NOT NULL,
+            expected TEXT NOT NULL DEFAULT '',
+            expires_at INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            PRIMARY KEY (namespace, ref)
+        );
+        CREATE TABLE images (
+            namespace TEXT NOT NULL,
+            name TEXT NOT NULL,
+            media_type TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            annotations TEXT NOT NULL DEFAULT '{}',
+            labels TEXT NOT NULL DEFAULT '{}',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (namespace, name)
+        );
+        CREATE TABLE snapshots (
+            namespace TEXT NOT NULL,
+            snapshotter TEXT NOT NULL,
+            key TEXT NOT NULL,
+            backend_key TEXT NOT NULL,
+            parent TEXT NOT NULL DEFAULT '',
+            kind INTEGER NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (namespace, snapshotter, key)
+        );
+        CREATE INDEX snapshots_by_parent ON snapshots(namespace, snapshotter, parent);
+        CREATE TABLE containers (
+            namespace TEXT NOT NULL,
+            id TEXT NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            image TEXT NOT NULL DEFAULT '',
+            runtime_name TEXT NOT NULL,
+            runtime_options BLOB,
+            spec BLOB,
+            snapshotter TEXT NOT NULL DEFAULT '',
+            snapshot_key TEXT NOT NULL DEFAULT '',
+            extensions BLOB,
+            sandbox TEXT NOT NULL DEFAULT '',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (namespace, id)
         );
         """
     )
