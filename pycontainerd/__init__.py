@@ -1,1 +1,3 @@
 """pycontainerd: a container supervisor that speaks containerd's API."""
+
+__version__ = "0.1.0"

@@ -7,6 +7,7 @@ Top level::
     state = "/run/pycontainerd"
     disabled_plugins = []
     required_plugins = []
+    plugin_modules = []      # extra Python modules holding Registrations
     [grpc]   address, tcp_address, uid, gid, max_recv_message_size, max_send_message_size
     [ttrpc]  address (default: <grpc address>.ttrpc)
     [debug]  level, format
@@ -66,6 +67,8 @@ class Config:
     state: str = DEFAULT_STATE
     disabled_plugins: tuple[str, ...] = ()
     required_plugins: tuple[str, ...] = ()
+    # Python modules whose module-level Registrations are loaded beside the built-ins.
+    plugin_modules: tuple[str, ...] = ()
     grpc: GRPCConfig = GRPCConfig()
     ttrpc: TTRPCConfig = TTRPCConfig()
     debug: DebugConfig = DebugConfig()
@@ -173,7 +176,12 @@ def to_toml(value: Mapping[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def _emit(lines: list[str], tables: list[tuple[list[str], Mapping[str, Any]]], path: list[str], table: Mapping[str, Any]) -> None:
+def _emit(
+    lines: list[str],
+    tables: list[tuple[list[str], Mapping[str, Any]]],
+    path: list[str],
+    table: Mapping[str, Any],
+) -> None:
     for k, v in table.items():
         if isinstance(v, Mapping):
             tables.append(([*path, k], v))

@@ -14,7 +14,7 @@ Hierarchy::
     ├── AlreadyExists        ALREADY_EXISTS
     ├── FailedPrecondition   FAILED_PRECONDITION
     ├── Unavailable          UNAVAILABLE
-    ├── NotImplemented       UNIMPLEMENTED
+    ├── Unimplemented        UNIMPLEMENTED
     ├── Internal             INTERNAL
     ├── OutOfRange           OUT_OF_RANGE
     ├── DataLoss             DATA_LOSS
@@ -38,7 +38,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
-    "NotImplemented",
+    "Unimplemented",
     "OutOfRange",
     "PycdError",
     "ResourceExhausted",
@@ -91,7 +91,7 @@ class Unavailable(PycdError):
     text = "unavailable"
 
 
-class NotImplemented(PycdError):  # noqa: A001 - containerd's name for the class
+class Unimplemented(PycdError):
     code = grpc.StatusCode.UNIMPLEMENTED
     text = "not implemented"
 
@@ -134,7 +134,7 @@ _BY_CODE: dict[grpc.StatusCode, type[PycdError]] = {
         AlreadyExists,
         FailedPrecondition,
         Unavailable,
-        NotImplemented,
+        Unimplemented,
         Internal,
         OutOfRange,
         DataLoss,

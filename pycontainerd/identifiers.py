@@ -20,9 +20,9 @@ def validate(value: str) -> str:
     if not value:
         raise InvalidArgument("identifier must not be empty")
     if len(value) > MAX_LENGTH:
-        raise InvalidArgument(f"identifier {value!r} greater than maximum length ({MAX_LENGTH} characters)")
-    if not _IDENTIFIER.match(value):
         raise InvalidArgument(
-            f"identifier {value!r} must match {_IDENTIFIER.pattern}"
+            f"identifier {value!r} greater than maximum length ({MAX_LENGTH} characters)"
         )
+    if not _IDENTIFIER.match(value):
+        raise InvalidArgument(f"identifier {value!r} must match {_IDENTIFIER.pattern}")
     return value

@@ -22,7 +22,7 @@ current_lease: ContextVar[str | None] = ContextVar("pycontainerd_lease", default
 
 
 def namespace_required() -> str:
-    """Return the request's namespace; FailedPrecondition when absent, InvalidArgument when malformed."""
+    """The request's namespace: FailedPrecondition when absent, InvalidArgument when malformed."""
     ns = current_namespace.get()
     if not ns:
         raise FailedPrecondition("namespace is required")

@@ -11,6 +11,7 @@ that raises ``SkipPlugin`` is recorded as skipped, like containerd's ``ErrSkipPl
 
 from __future__ import annotations
 
+import builtins
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -56,7 +57,7 @@ class PluginType(enum.StrEnum):
     TEST = "io.pycontainerd.test.v1"
 
 
-class SkipPlugin(Exception):  # noqa: N818 - mirrors containerd's ErrSkipPlugin
+class SkipPlugin(Exception):
     """Raised by an init to say the plugin does not apply here (e.g. no overlayfs)."""
 
     def __str__(self) -> str:
@@ -72,7 +73,7 @@ class Registration(Generic[T]):
     id: str
     init: Callable[[InitContext], Awaitable[T]]
     requires: tuple[PluginType | str, ...] = ()
-    config: type[Any] | None = None
+    config: builtins.type[Any] | None = None
     capabilities: tuple[str, ...] = ()
 
     @property
@@ -154,9 +155,7 @@ class InitContext:
 
     def get_all(self, type_: PluginType | str, kind: type[U]) -> dict[str, U]:
         """Every usable plugin of ``type_`` by id (e.g. all snapshotters)."""
-        return {
-            p.registration.id: _checked(p, kind) for p in self.plugins.of_type(type_) if p.ok
-        }
+        return {p.registration.id: _checked(p, kind) for p in self.plugins.of_type(type_) if p.ok}
 
 
 def _checked(p: Plugin, kind: type[U]) -> U:
@@ -181,7 +180,9 @@ class Registry:
         self._ordered = tuple(_graph(regs))
 
     @classmethod
-    def discover(cls, builtins: Iterable[Registration[Any]], group: str = "pycontainerd.plugins") -> Registry:
+    def discover(
+        cls, builtins: Iterable[Registration[Any]], group: str = "pycontainerd.plugins"
+    ) -> Registry:
         """Built-ins plus every registration published in the entry-point ``group``."""
         regs = list(builtins)
         for ep in entry_points(group=group):

@@ -125,7 +125,7 @@ def _v1(conn: sqlite3.Connection) -> None:
             updated_at INTEGER NOT NULL,
             PRIMARY KEY (namespace, id)
         );
-        """
+        """,
     )
 
 

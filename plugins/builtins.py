@@ -1,0 +1,23 @@
+"""The built-in plugins, in registration order (the registry sorts them by dependency)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pycontainerd.plugins import core, events
+
+if TYPE_CHECKING:
+    from pycontainerd.plugin import Registration
+
+BUILTINS: tuple[Registration[Any], ...] = (
+    events.exchange,
+    core.metadata,
+    core.namespaces_service,
+    core.leases_service,
+    core.namespaces,
+    core.leases,
+    events.service,
+    core.version,
+    core.health,
+    core.introspection,
+)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real daemon as a subprocess, and markers that skip with a reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.support.daemon import Daemon
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+TEST_CONFIG = 'version = 2\nplugin_modules = ["tests.support.pcd_test_plugins"]\n'
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("root") and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="needs root"))
+        if item.get_closest_marker("ctr") and shutil.which("ctr") is None:
+            item.add_marker(
+                pytest.mark.skip(reason="needs containerd's ctr client (apt install containerd)")
+            )
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    """One daemon shared by the tests that only add state of their own."""
+    d = Daemon(config=TEST_CONFIG).start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture
+def fresh_daemon() -> Iterator[Daemon]:
+    """A daemon of the test's own, for restarts and kills."""
+    d = Daemon(config=TEST_CONFIG).start()
+    yield d
+    d.cleanup()
