@@ -157,7 +157,9 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(grace)
         await close_plugins(self.plugins)
-        await asyncio.to_thread(_remove_socket, self.cfg.grpc.address)
+        if self._lock is not None:
+            # Only the daemon that claimed the address may remove its socket.
+            await asyncio.to_thread(_remove_socket, self.cfg.grpc.address)
         if self._lock is not None:
             self._lock.close()
         log.info("stopped")

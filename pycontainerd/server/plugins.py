@@ -63,6 +63,9 @@ async def load_plugins(
             raise InvalidArgument(
                 f'config has a [plugins."{key}"] table but no such plugin is registered'
             )
+    # Every plugin table is decoded before anything starts: a typo is a start-up error
+    # naming the key, not a plugin that silently fails.
+    configs = {r.uri: config_for(r, cfg.plugins.get(r.uri)) for r in registry}
     for reg in registry:
         if reg.uri in cfg.disabled_plugins:
             log.info("plugin %s disabled by configuration", reg.uri)
@@ -79,7 +82,7 @@ async def load_plugins(
                 registration=reg,
                 root=root / reg.uri,
                 state=state / reg.uri,
-                config=config_for(reg, cfg.plugins.get(reg.uri)),
+                config=configs[reg.uri],
                 plugins=plugins,
                 address=address,
                 ttrpc_address=ttrpc_address,
