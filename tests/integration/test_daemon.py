@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -17,6 +17,9 @@ from google.protobuf import empty_pb2
 
 from pycontainerd.api.services.version.v1 import version_pb2_grpc
 from tests.support.daemon import Daemon
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -58,8 +61,17 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, needle: str) -> 
     cfg = tmp_path / "c.toml"
     cfg.write_text(text)
     sock = f"/tmp/pcd-bad-{os.getpid()}.sock"
-    res = run_cli("serve", "--config", str(cfg), "--root", str(tmp_path / "r"),
-                  "--state", str(tmp_path / "s"), "--address", sock)
+    res = run_cli(
+        "serve",
+        "--config",
+        str(cfg),
+        "--root",
+        str(tmp_path / "r"),
+        "--state",
+        str(tmp_path / "s"),
+        "--address",
+        sock,
+    )
     assert res.returncode != 0
     assert needle in res.stderr
     assert not os.path.exists(sock)
@@ -78,8 +90,15 @@ def test_socket_mode_and_second_daemon_refused(daemon: Daemon) -> None:
     assert stat.S_ISSOCK(os.stat(daemon.address).st_mode)
     other = Daemon(config="version = 2\n")
     try:
-        res = run_cli("serve", "--root", str(other.root), "--state", str(other.state),
-                      "--address", daemon.address)
+        res = run_cli(
+            "serve",
+            "--root",
+            str(other.root),
+            "--state",
+            str(other.state),
+            "--address",
+            daemon.address,
+        )
         assert res.returncode != 0
         assert "already serving" in res.stderr or "another daemon" in res.stderr
     finally:

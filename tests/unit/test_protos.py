@@ -41,7 +41,11 @@ def test_wire_names_match_containerd() -> None:
     svc = tasks_pb2.DESCRIPTOR.services_by_name["Tasks"]
     assert svc.full_name == "containerd.services.tasks.v1.Tasks"
     create = tasks_pb2.CreateTaskRequest.DESCRIPTOR.fields_by_name
-    assert (create["container_id"].number, create["terminal"].number, create["runtime_path"].number) == (1, 7, 10)
+    assert (
+        create["container_id"].number,
+        create["terminal"].number,
+        create["runtime_path"].number,
+    ) == (1, 7, 10)
     env = events_pb2.Envelope.DESCRIPTOR.fields_by_name
     assert [env[n].number for n in ("timestamp", "namespace", "topic", "event")] == [1, 2, 3, 4]
 
@@ -51,7 +55,16 @@ def test_builtin_plugins_import_from_a_wheel(tmp_path: Path) -> None:
     # protoc finds the mypy-protobuf plugins on PATH, beside this interpreter.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(tmp_path),
+            str(REPO),
+        ],
         check=True,
         capture_output=True,
         env=env,
@@ -70,5 +83,7 @@ def test_builtin_plugins_import_from_a_wheel(tmp_path: Path) -> None:
         "assert pycontainerd.__file__.startswith(sys.argv[1]), pycontainerd.__file__;"
         "print(len(b.BUILTINS))"
     )
-    res = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(site)], capture_output=True, text=True, check=True
+    )
     assert int(res.stdout) >= 8

@@ -1,0 +1,1 @@
+"""API tests: an in-process grpc.aio server driven through the generated stubs."""
