@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pycontainerd.plugins import core, events
+from pycontainerd.plugins import core, events, images
 
 if TYPE_CHECKING:
     from pycontainerd.plugin import Registration
@@ -14,9 +14,11 @@ BUILTINS: tuple[Registration[Any], ...] = (
     core.metadata,
     core.namespaces_service,
     core.leases_service,
+    images.service,
     core.namespaces,
     core.leases,
     events.service,
+    images.images,
     core.version,
     core.health,
     core.introspection,
