@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pycontainerd.plugins import core, events, images
+from pycontainerd.plugins import content, core, events, images
 
 if TYPE_CHECKING:
     from pycontainerd.plugin import Registration
 
 BUILTINS: tuple[Registration[Any], ...] = (
     events.exchange,
+    content.content,
     core.metadata,
+    content.content_service,
     core.namespaces_service,
     core.leases_service,
     images.service,
     core.namespaces,
     core.leases,
     events.service,
+    content.service,
     images.images,
     core.version,
     core.health,

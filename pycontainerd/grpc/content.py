@@ -1,0 +1,195 @@
+"""The ``containerd.services.content.v1.Content`` servicer over the namespaced content store.
+
+Thin: it converts protobuf to domain values and back and drives the store. Two streaming
+methods carry protocol rules of their own, as containerd's ``contentserver`` does:
+
+- ``Read`` sends ``{offset, data}`` chunks of at most 1 MiB over the requested section
+  (negative offset = 0, size 0 = to the end, offset past the end = OutOfRange); each chunk
+  is one positional read in a worker thread, and a client cancel just stops the loop.
+- ``Write`` is bidirectional: the first message must name a ``ref``; each message is
+  answered with the writer's offset (and digest after STAT/WRITE/COMMIT); a message whose
+  ``expected`` digest is already in the namespace aborts the ingest with AlreadyExists;
+  COMMIT ends the stream. The response object carries fields over from earlier answers
+  (containerd reuses one message), so a WRITE answer still shows the ``total`` a STAT set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from pycontainerd.api.services.content.v1 import content_pb2, content_pb2_grpc
+from pycontainerd.content.store import Info, read_section
+from pycontainerd.errdefs import AlreadyExists, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import grpc.aio
+
+    from pycontainerd.content.metadata import NamespacedContentStore
+    from pycontainerd.content.store import Status
+
+__all__ = ["ContentService"]
+
+log = logging.getLogger(__name__)
+
+Context = Any  # grpc.aio.ServicerContext; the stubs' generics add nothing here
+
+READ_CHUNK = 1 << 20
+LIST_BATCH = 100
+
+_STAT = content_pb2.STAT
+_WRITE = content_pb2.WRITE
+_COMMIT = content_pb2.COMMIT
+
+
+def _ts(ns: int) -> timestamp_pb2.Timestamp:
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+def _info_to_pb(info: Info) -> content_pb2.Info:
+    return content_pb2.Info(
+        digest=info.digest,
+        size=info.size,
+        created_at=_ts(info.created_at),
+        updated_at=_ts(info.updated_at),
+        labels=info.labels,
+    )
+
+
+def _status_to_pb(st: Status) -> content_pb2.Status:
+    return content_pb2.Status(
+        started_at=_ts(st.started_at),
+        updated_at=_ts(st.updated_at),
+        ref=st.ref,
+        offset=st.offset,
+        total=st.total,
+        expected=st.expected,
+    )
+
+
+class ContentService(content_pb2_grpc.ContentServicer):
+    """gRPC plugin instance: ``register(server)`` adds the Content service."""
+
+    def __init__(self, store: NamespacedContentStore) -> None:
+        self.store = store
+
+    def register(self, server: grpc.aio.Server) -> None:
+        content_pb2_grpc.add_ContentServicer_to_server(self, server)
+
+    async def Info(
+        self, request: content_pb2.InfoRequest, context: Context
+    ) -> content_pb2.InfoResponse:
+        return content_pb2.InfoResponse(info=_info_to_pb(await self.store.info(request.digest)))
+
+    async def Update(
+        self, request: content_pb2.UpdateRequest, context: Context
+    ) -> content_pb2.UpdateResponse:
+        info = Info(digest=request.info.digest, size=0, labels=dict(request.info.labels))
+        updated = await self.store.update(info, list(request.update_mask.paths))
+        return content_pb2.UpdateResponse(info=_info_to_pb(updated))
+
+    async def List(
+        self, request: content_pb2.ListContentRequest, context: Context
+    ) -> AsyncIterator[content_pb2.ListContentResponse]:
+        infos = await self.store.list_content(list(request.filters))
+        for i in range(0, len(infos), LIST_BATCH):
+            batch = [_info_to_pb(info) for info in infos[i : i + LIST_BATCH]]
+            yield content_pb2.ListContentResponse(info=batch)
+
+    async def Delete(
+        self, request: content_pb2.DeleteContentRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.store.delete(request.digest)
+        return empty_pb2.Empty()
+
+    async def Read(
+        self, request: content_pb2.ReadContentRequest, context: Context
+    ) -> AsyncIterator[content_pb2.ReadContentResponse]:
+        reader = await self.store.open_reader(request.digest)
+        try:
+            start, length = read_section(reader.size, request.offset, request.size)
+            pos, end = start, start + length
+            while pos < end:
+                data = await asyncio.to_thread(reader.read_at, pos, min(READ_CHUNK, end - pos))
+                if not data:
+                    break  # the file is shorter than it was at open: nothing more to send
+                yield content_pb2.ReadContentResponse(offset=pos, data=data)
+                pos += len(data)
+        finally:
+            # Also runs when the client cancels mid-stream (the generator is closed).
+            reader.close()
+
+    async def Status(
+        self, request: content_pb2.StatusRequest, context: Context
+    ) -> content_pb2.StatusResponse:
+        st = await self.store.status(request.ref)
+        return content_pb2.StatusResponse(status=_status_to_pb(st))
+
+    async def ListStatuses(
+        self, request: content_pb2.ListStatusesRequest, context: Context
+    ) -> content_pb2.ListStatusesResponse:
+        statuses = await self.store.list_statuses(list(request.filters))
+        return content_pb2.ListStatusesResponse(statuses=[_status_to_pb(s) for s in statuses])
+
+    async def Abort(self, request: content_pb2.AbortRequest, context: Context) -> empty_pb2.Empty:
+        await self.store.abort(request.ref)
+        return empty_pb2.Empty()
+
+    async def Write(
+        self, request_iterator: AsyncIterator[content_pb2.WriteContentRequest], context: Context
+    ) -> AsyncIterator[content_pb2.WriteContentResponse]:
+        requests = aiter(request_iterator)
+        req = await anext(requests, None)
+        if req is None:
+            return
+        ref = req.ref
+        if not ref:
+            raise InvalidArgument("first message must have a reference")
+        total = req.total
+        expected = req.expected
+        writer = await self.store.writer(ref, total=total, expected=expected)
+        msg = content_pb2.WriteContentResponse()
+        try:
+            while True:
+                msg.action = req.action
+                msg.offset = writer.status().offset
+                if req.expected:
+                    expected = req.expected
+                    if await self.store.exists(expected):
+                        await writer.close()
+                        with contextlib.suppress(NotFound):
+                            await self.store.abort(ref)
+                        raise AlreadyExists(f"blob with expected digest {expected} exists")
+                if req.total > 0:
+                    total = req.total
+                if req.action == _STAT:
+                    st = writer.status()
+                    msg.digest = writer.digest()
+                    msg.started_at.CopyFrom(_ts(st.started_at))
+                    msg.updated_at.CopyFrom(_ts(st.updated_at))
+                    msg.total = total
+                elif req.action in (_WRITE, _COMMIT):
+                    msg.offset = (await writer.write_at(req.offset, req.data)).offset
+                    if req.action == _COMMIT:
+                        await writer.commit(total, expected, dict(req.labels))
+                    msg.digest = writer.digest()
+                else:
+                    raise InvalidArgument(f"unknown write action {req.action}")
+                out = content_pb2.WriteContentResponse()
+                out.CopyFrom(msg)
+                yield out
+                if req.action == _COMMIT:
+                    return
+                req = await anext(requests, None)
+                if req is None:
+                    return
+        finally:
+            # Runs on client cancel too: the ref is unlocked and the data kept for a resume.
+            await writer.close()
