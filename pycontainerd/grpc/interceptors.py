@@ -95,12 +95,12 @@ class ContextInterceptor(grpc.aio.ServerInterceptor):
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        wrapped = _wrap_handler(handler, method)
+        wrapped = wrap_handler(handler, method)
         self._cache[key] = wrapped
         return wrapped
 
 
-def _wrap_handler(
+def wrap_handler(
     handler: grpc.RpcMethodHandler[Any, Any], method: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
     h: Any = handler

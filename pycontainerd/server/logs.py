@@ -72,3 +72,7 @@ def setup(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level.lower()])
+    # The HTTP/2 libraries log every frame and header at debug level: far too much, and
+    # costly on the hot path.
+    for name in ("hpack", "h2"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

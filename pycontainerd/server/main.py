@@ -10,20 +10,21 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
-
-import grpc
-import grpc.aio
+from typing import IO, TYPE_CHECKING, cast
 
 from pycontainerd.errdefs import FailedPrecondition, InvalidArgument
 from pycontainerd.grpc import GRPCService
-from pycontainerd.grpc.interceptors import ContextInterceptor
+from pycontainerd.grpc.interceptors import wrap_handler
+from pycontainerd.grpc.transport import Server
 from pycontainerd.plugin import PluginSet
 from pycontainerd.server.plugins import build_registry, close_plugins, load_plugins
 
 if TYPE_CHECKING:
+    import grpc.aio
+
     from pycontainerd.config import Config
 
 log = logging.getLogger(__name__)
@@ -77,25 +78,25 @@ def _claim_socket(address: str) -> IO[bytes]:
     return lock
 
 
-def _server(cfg: Config) -> grpc.aio.Server:
-    options = [
-        ("grpc.max_receive_message_length", cfg.grpc.max_recv_message_size),
-        ("grpc.max_send_message_length", cfg.grpc.max_send_message_size),
-        ("grpc.so_reuseport", 0),
-    ]
-    return grpc.aio.server(options=options, interceptors=[ContextInterceptor()])
+def _server(cfg: Config) -> Server:
+    return Server(
+        wrap=wrap_handler,
+        max_receive_message_length=cfg.grpc.max_recv_message_size,
+        max_send_message_length=cfg.grpc.max_send_message_size,
+    )
 
 
-def _tcp_credentials(cfg: Config) -> grpc.ServerCredentials | None:
+def _tcp_tls(cfg: Config) -> ssl.SSLContext | None:
+    """TLS for the TCP listener; a CA makes client certificates mandatory (mTLS)."""
     g = cfg.grpc
     if not g.tcp_tls_cert:
         return None
-    key = Path(g.tcp_tls_key).read_bytes()
-    cert = Path(g.tcp_tls_cert).read_bytes()
-    ca = Path(g.tcp_tls_ca).read_bytes() if g.tcp_tls_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(g.tcp_tls_cert, g.tcp_tls_key or None)
+    if g.tcp_tls_ca:
+        ctx.load_verify_locations(g.tcp_tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def _remove_socket(address: str) -> None:
@@ -109,7 +110,7 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.plugins = PluginSet()
-        self.server: grpc.aio.Server | None = None
+        self.server: Server | None = None
         self._lock: IO[bytes] | None = None
         self._stopping = asyncio.Event()
 
@@ -127,14 +128,15 @@ class Daemon:
         server = _server(cfg)
         for p in self.plugins:
             if p.ok and isinstance(p.instance, GRPCService):
-                p.instance.register(server)
+                # Our Server has grpc.aio.Server's registration API (see grpc/transport.py).
+                p.instance.register(cast("grpc.aio.Server", server))
         server.add_insecure_port("unix:" + cfg.grpc.address)
         if cfg.grpc.tcp_address:
-            creds = _tcp_credentials(cfg)
-            if creds is None:
+            tls = _tcp_tls(cfg)
+            if tls is None:
                 server.add_insecure_port(cfg.grpc.tcp_address)
             else:
-                server.add_secure_port(cfg.grpc.tcp_address, creds)
+                server.add_secure_port(cfg.grpc.tcp_address, tls)
         await server.start()
         os.chmod(cfg.grpc.address, 0o660)
         if (cfg.grpc.uid, cfg.grpc.gid) != (os.getuid(), os.getgid()):

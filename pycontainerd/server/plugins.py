@@ -8,6 +8,7 @@ whatever loaded. ``required_plugins`` turns a failure into a start-up error.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -116,6 +117,8 @@ async def close_plugins(plugins: PluginSet) -> None:
         close = getattr(p.instance, "close", None)
         if p.ok and close is not None:
             try:
-                await close()
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
             except Exception:
                 log.exception("closing plugin %s failed", p.registration.uri)
