@@ -1,0 +1,10 @@
+"""Snapshots: the snapshotter contract, the on-disk snapshotters, and the namespaced layer.
+
+- ``snapshotter``: domain types (``Info``, ``Kind``, ``Usage``, ``Mount``) and the
+  ``Snapshotter`` protocol with its error contract;
+- ``mount``: ``mount_all`` / ``unmount`` / ``temp_mount`` over the mount syscalls;
+- ``storage``: a backend's own sqlite metastore; ``local``: the machinery shared by
+- ``overlay`` (overlayfs layers) and ``native`` (full copies);
+- ``metadata`` (with ``records``): namespaces, leases and events over the backends —
+  ``SnapshotService.get(name)`` is what the API and other services use.
+"""

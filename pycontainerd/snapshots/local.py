@@ -1,0 +1,274 @@
+"""The shared machinery of the on-disk snapshotters (overlayfs, native).
+
+Layout of a snapshotter root (mode 0700)::
+
+    metadata.db            the MetaStore (sqlite, WAL)
+    snapshots/<id>/fs      the snapshot's files (0755)
+    snapshots/<id>/work    overlay's work dir, active snapshots only (0711)
+    snapshots/new-*        a snapshot being created (crash leftovers are reclaimed by cleanup)
+
+Creation follows containerd's crash-consistent order: build everything in a ``new-*``
+temporary directory, run the metastore transaction, rename the directory to its id
+inside that transaction, and remove it again if the commit fails. Removal commits the
+transaction first and deletes the directory afterwards, off the caller's path on a
+background thread; a crash in between leaves a directory no id names, which ``cleanup``
+reclaims (``cleanup`` first waits for queued removals).
+
+Each public (async) operation is exactly one ``asyncio.to_thread`` hop into the
+synchronous ``<name>_sync`` method, which the namespaced layer may also call directly from
+its own worker thread (``SyncSnapshotter``) to run backend work and its metadata
+transaction in a single hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pycontainerd import labels as labelutil
+from pycontainerd.errdefs import AlreadyExists, FailedPrecondition
+from pycontainerd.snapshots import storage
+from pycontainerd.snapshots.snapshotter import Info, Kind, Usage, filter_infos
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from pycontainerd.snapshots.mount import Mount
+
+__all__ = ["LocalSnapshotter", "disk_usage"]
+
+log = logging.getLogger(__name__)
+
+
+def disk_usage(root: Path) -> Usage:
+    """Allocated bytes and distinct inodes under ``root`` (hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    stack = [os.fspath(root)]
+    try:
+        st = os.lstat(stack[0])
+    except FileNotFoundError:
+        return Usage()
+    seen.add((st.st_dev, st.st_ino))
+    size += st.st_blocks * 512
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            ino = (est.st_dev, est.st_ino)
+            if ino not in seen:
+                seen.add(ino)
+                size += est.st_blocks * 512
+            if stat.S_ISDIR(est.st_mode):
+                stack.append(entry.path)
+    return Usage(size=size, inodes=len(seen))
+
+
+def _remove_dir(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("snapshot dir %s not removed: %s", path, exc)
+
+
+class LocalSnapshotter:
+    """Base of the directory-per-snapshot snapshotters; subclasses say how to fill and
+    mount a snapshot."""
+
+    # Whether a new snapshot starts as a copy of its parent's tree (native) rather than
+    # an empty upper directory stacked on the parents (overlay).
+    copies_parent = False
+
+    def __init__(self, root: Path, *, synchronous: str = "FULL") -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.snapshots_dir = self.root / "snapshots"
+        self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
+        self._ms = storage.MetaStore(self.root / "metadata.db", synchronous=synchronous)
+        # Temp dirs under construction outside the metastore lock; cleanup skips them.
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
+        self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-reaper")
+
+    # --- paths and hooks ----------------------------------------------------------------
+
+    def fs_path(self, sid: str) -> Path:
+        return self.snapshots_dir / sid / "fs"
+
+    def work_path(self, sid: str) -> Path:
+        return self.snapshots_dir / sid / "work"
+
+    def _populate(self, td: Path, kind: Kind, parent_fs: Path | None) -> None:
+        """Fill the temporary snapshot directory ``td`` (runs outside the metastore lock)."""
+        raise NotImplementedError
+
+    def _adopt(self, td: Path, snap: storage.Snapshot) -> None:
+        """Last touches inside the creating transaction, before the rename."""
+
+    def _mounts(self, snap: storage.Snapshot) -> list[Mount]:
+        raise NotImplementedError
+
+    # --- async facade -------------------------------------------------------------------
+
+    async def stat(self, key: str) -> Info:
+        return await asyncio.to_thread(self.stat_sync, key)
+
+    async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
+        return await asyncio.to_thread(self.update_sync, info, tuple(fieldpaths))
+
+    async def usage(self, key: str) -> Usage:
+        return await asyncio.to_thread(self.usage_sync, key)
+
+    async def mounts(self, key: str) -> list[Mount]:
+        return await asyncio.to_thread(self.mounts_sync, key)
+
+    async def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return await asyncio.to_thread(self.create_sync, Kind.ACTIVE, key, parent, labels or {})
+
+    async def view(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return await asyncio.to_thread(self.create_sync, Kind.VIEW, key, parent, labels or {})
+
+    async def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        await asyncio.to_thread(self.commit_sync, name, key, labels or {})
+
+    async def remove(self, key: str) -> None:
+        await asyncio.to_thread(self.remove_sync, key)
+
+    async def walk(self, filter_strings: Sequence[str] = ()) -> list[Info]:
+        return await asyncio.to_thread(self.walk_sync, tuple(filter_strings))
+
+    async def cleanup(self) -> None:
+        await asyncio.to_thread(self.cleanup_sync)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_sync)
+
+    # --- synchronous operations ---------------------------------------------------------
+
+    def stat_sync(self, key: str) -> Info:
+        with self._ms.read() as conn:
+            return storage.get_info(conn, key)[1]
+
+    def update_sync(self, info: Info, fieldpaths: tuple[str, ...]) -> Info:
+        with self._ms.write() as conn:
+            return storage.update_info(conn, info, fieldpaths)
+
+    def usage_sync(self, key: str) -> Usage:
+        with self._ms.read() as conn:
+            sid, info, recorded = storage.get_info(conn, key)
+        if info.kind == Kind.ACTIVE:
+            # Measured outside the lock: walking a big layer must not stall the others.
+            return disk_usage(self.fs_path(sid))
+        return recorded
+
+    def mounts_sync(self, key: str) -> list[Mount]:
+        with self._ms.read() as conn:
+            snap = storage.get_snapshot(conn, key)
+        return self._mounts(snap)
+
+    def create_sync(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
+    ) -> list[Mount]:
+        labels = labelutil.validate(labels)
+        parent_fs: Path | None = None
+        if self.copies_parent and parent:
+            # Resolve (and fail fast) before the possibly long copy of the parent's tree.
+            with self._ms.read() as conn:
+                if storage.lookup(conn, key) is not None:
+                    raise AlreadyExists(f"snapshot {key!r}")
+                parent_fs = self.fs_path(storage.parent_id(conn, parent))
+        with self._pending_lock:
+            td = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
+            self._pending.add(td.name)
+        final: Path | None = None
+        try:
+            self._populate(td, kind, parent_fs)
+            with self._ms.write() as conn:
+                snap = storage.create_snapshot(conn, kind, key, parent, labels)
+                self._adopt(td, snap)
+                final = self.snapshots_dir / snap.id
+                os.rename(td, final)
+            final = None
+        except BaseException:
+            shutil.rmtree(td, ignore_errors=True)
+            if final is not None:  # renamed, but the transaction did not commit
+                shutil.rmtree(final, ignore_errors=True)
+            raise
+        finally:
+            with self._pending_lock:
+                self._pending.discard(td.name)
+        return self._mounts(snap)
+
+    def commit_sync(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+        labels = labelutil.validate(labels)
+        for _ in range(3):
+            with self._ms.read() as conn:
+                if storage.lookup(conn, name) is not None:
+                    raise AlreadyExists(f"committed snapshot {name!r}")
+                sid, info, _ = storage.get_info(conn, key)
+            if info.kind != Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            usage = disk_usage(self.fs_path(sid))  # outside the lock, like _usage
+            with self._ms.write() as conn:
+                found = storage.lookup(conn, key)
+                if found is not None and str(found[0]) != sid:
+                    continue  # key was removed and prepared again meanwhile: measure again
+                storage.commit_active(conn, key, name, usage, labels)
+                return
+        raise FailedPrecondition(f"snapshot {key!r} keeps changing during commit")
+
+    def remove_sync(self, key: str) -> None:
+        with self._ms.write() as conn:
+            sid, _ = storage.remove(conn, key)
+        # The snapshot is gone once the transaction commits; its directory is deleted in
+        # the background (containerd's overlay removes asynchronously too). A failure or
+        # crash only leaves an orphan that cleanup reclaims.
+        self._reaper.submit(_remove_dir, self.snapshots_dir / sid)
+
+    def flush_removals(self) -> None:
+        """Wait until every directory removal queued so far has finished."""
+        self._reaper.submit(lambda: None).result()
+
+    def walk_sync(self, filter_strings: tuple[str, ...]) -> list[Info]:
+        with self._ms.read() as conn:
+            infos = storage.walk(conn)
+        return filter_infos(infos, filter_strings)
+
+    def cleanup_sync(self) -> None:
+        self.flush_removals()
+        # The write lock keeps new snapshots from appearing between listing and checking.
+        with self._ms.write() as conn, self._pending_lock:
+            known = storage.ids(conn)
+            orphans = [
+                self.snapshots_dir / d
+                for d in os.listdir(self.snapshots_dir)
+                if d not in known and d not in self._pending
+            ]
+        for path in orphans:
+            _remove_dir(path)
+
+    def close_sync(self) -> None:
+        self._reaper.shutdown(wait=True)
+        self._ms.close()

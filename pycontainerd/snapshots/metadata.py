@@ -1,0 +1,461 @@
+"""The namespaced snapshot layer: per-namespace keys over shared backend snapshotters.
+
+Clients name snapshots per namespace; the backends know one flat key space. Each
+namespaced snapshot is a row of the metadata table ``snapshots`` (namespace, snapshotter,
+key) holding its backend key ``"<namespace>/<seq>/<key>"``, its namespaced parent, kind,
+labels and timestamps. Only labels prefixed ``containerd.io/snapshot/`` reach the backend.
+
+Order of work, as containerd's ``metadata/snapshot.go`` with sqlite instead of bolt:
+
+- create and commit: check in a read transaction, act on the backend, then record in one
+  write transaction; if recording fails, a created backend snapshot is removed again;
+- remove: delete the row (and its lease references) first; the backend snapshot is then
+  removed on a background thread, in order, off the caller's path (containerd leaves it
+  to garbage collection entirely). A crash in between leaves a backend orphan for GC.
+
+For backends with a synchronous API (``SyncSnapshotter``, as ours are), the backend step
+and the recording transaction run in one worker-thread hop (``MetadataDB.update_sync``).
+
+Mutations of one snapshotter are serialised by an asyncio lock, which is what makes
+"two unpacks commit the same chain ID concurrently" end with one winner and one
+``AlreadyExists`` while the loser's active snapshot stays intact. Reads take no lock.
+
+When the request names a lease (``containerd-lease``), created and committed snapshots
+are recorded in ``lease_resources`` with type ``snapshots/<snapshotter>``; an unknown
+lease is ``NotFound``. Events ``/snapshot/prepare``, ``/snapshot/commit`` and
+``/snapshot/remove`` are published after the transaction commits (views publish none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
+
+from pycontainerd import labels as labelutil
+from pycontainerd import namespaces
+from pycontainerd.api.events import snapshot_pb2
+from pycontainerd.errdefs import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PycdError,
+)
+from pycontainerd.snapshots import records
+from pycontainerd.snapshots.snapshotter import (
+    Info,
+    Kind,
+    Snapshotter,
+    SyncSnapshotter,
+    Usage,
+    filter_infos,
+    inherited_labels,
+)
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Awaitable, Mapping, Sequence
+
+    from google.protobuf.message import Message
+
+    from pycontainerd.events import Publisher
+    from pycontainerd.metadata.db import MetadataDB
+    from pycontainerd.snapshots.mount import Mount
+
+__all__ = ["NamespacedSnapshotter", "SnapshotService"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TOPIC_PREPARE = "/snapshot/prepare"
+TOPIC_COMMIT = "/snapshot/commit"
+TOPIC_REMOVE = "/snapshot/remove"
+
+# A label naming the committed snapshot a prepare is expected to produce (remote
+# snapshotters); if it already exists in the namespace the prepare is AlreadyExists.
+LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
+
+
+async def _finish(work: Awaitable[T]) -> T:
+    """Await ``work`` (a thread running a backend step and its transaction) to its end.
+
+    On cancellation the thread keeps going: wait for it before letting the caller release
+    the snapshotter lock, so the next mutation never overlaps a half-done one.
+    """
+    fut = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await fut
+        raise
+
+
+class _Sequence:
+    """Strictly increasing numbers for backend keys, unique across restarts (clock based)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, time.time_ns())
+        return self._last
+
+
+class NamespacedSnapshotter:
+    """One backend snapshotter seen through the request's namespace (``Snapshotter``)."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: Snapshotter,
+        db: MetadataDB,
+        publisher: Publisher | None,
+        seq: _Sequence,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self._db = db
+        self._publisher = publisher
+        self._seq = seq
+        self._lock = asyncio.Lock()
+        # Backends with a synchronous API get their work and our transaction in one hop.
+        self._sync = backend if isinstance(backend, SyncSnapshotter) else None
+        self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reap-{name}")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lease_type = f"snapshots/{name}"
+
+    def _backend_key(self, ns: str, key: str) -> str:
+        return f"{ns}/{self._seq.next()}/{key}"
+
+    def _publish(self, topic: str, msg: Message, ns: str) -> None:
+        if self._publisher is not None:
+            self._publisher.publish(topic, msg, namespace=ns)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def stat(self, key: str) -> Info:
+        ns = namespaces.namespace_required()
+        sn = self.name
+        return (await self._db.view(lambda c: records.must(c, ns, sn, key))).info()
+
+    async def usage(self, key: str) -> Usage:
+        ns = namespaces.namespace_required()
+        sn = self.name
+        row = await self._db.view(lambda c: records.must(c, ns, sn, key))
+        return await self.backend.usage(row.backend_key)
+
+    async def mounts(self, key: str) -> list[Mount]:
+        ns = namespaces.namespace_required()
+        sn = self.name
+        row = await self._db.view(lambda c: records.must(c, ns, sn, key))
+        if row.kind == Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key!r} is committed, it has no mounts")
+        return await self.backend.mounts(row.backend_key)
+
+    async def walk(self, filter_strings: Sequence[str] = ()) -> list[Info]:
+        ns = namespaces.namespace_required()
+        sn = self.name
+        infos = await self._db.view(lambda c: records.infos(c, ns, sn))
+        return filter_infos(infos, filter_strings)
+
+    # --- mutations ------------------------------------------------------------------------
+
+    async def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        ns = namespaces.namespace_required()
+        mounts = await self._create(Kind.ACTIVE, key, parent, labels)
+        self._publish(TOPIC_PREPARE, snapshot_pb2.SnapshotPrepare(key=key, parent=parent), ns)
+        return mounts
+
+    async def view(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return await self._create(Kind.VIEW, key, parent, labels)
+
+    async def _create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+    ) -> list[Mount]:
+        ns = namespaces.namespace_required()
+        lease = namespaces.lease()
+        sn = self.name
+        base = labelutil.validate(labels or {})
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        target = base.get(LABEL_SNAPSHOT_REF, "")
+
+        def check(conn: sqlite3.Connection) -> str:
+            if lease:
+                records.require_lease(conn, ns, lease)
+            if target and records.get(conn, ns, sn, target) is not None:
+                raise AlreadyExists(f"target snapshot {target!r}")
+            if records.get(conn, ns, sn, key) is not None:
+                raise AlreadyExists(f"snapshot {key!r}")
+            if not parent:
+                return ""
+            prow = records.get(conn, ns, sn, parent)
+            if prow is None:
+                raise NotFound(f"parent snapshot {parent!r} does not exist")
+            if prow.kind != Kind.COMMITTED:
+                raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+            return prow.backend_key
+
+        async with self._lock:
+            bparent = await self._db.view(check)
+            bkey = self._backend_key(ns, key)
+            blabels = inherited_labels(base)
+
+            def record(conn: sqlite3.Connection) -> None:
+                if parent:
+                    prow = records.get(conn, ns, sn, parent)
+                    if prow is None or prow.backend_key != bparent:
+                        raise NotFound(f"parent snapshot {parent!r} does not exist")
+                records.insert(conn, ns, sn, key, bkey, parent, kind, base)
+                if lease:
+                    records.require_lease(conn, ns, lease)
+                    records.add_to_lease(conn, ns, lease, self._lease_type, key)
+
+            sync = self._sync
+            if sync is not None:
+
+                def work() -> list[Mount]:
+                    mounts = sync.create_sync(kind, bkey, bparent, blabels)
+                    try:
+                        self._db.update_sync(record)
+                    except BaseException:
+                        self._discard_sync(sync, bkey)
+                        raise
+                    return mounts
+
+                return await _finish(asyncio.to_thread(work))
+            create = self.backend.view if kind == Kind.VIEW else self.backend.prepare
+            mounts = await create(bkey, bparent, blabels)
+            try:
+                await self._db.update(record)
+            except BaseException:
+                await self._discard(bkey)
+                raise
+        return mounts
+
+    def _discard_sync(self, sync: SyncSnapshotter, bkey: str) -> None:
+        try:
+            sync.remove_sync(bkey)
+        except (PycdError, OSError) as exc:
+            log.error(
+                "snapshotter %s: unreferenced snapshot %r not removed: %s", self.name, bkey, exc
+            )
+
+    async def _discard(self, bkey: str) -> None:
+        try:
+            await self.backend.remove(bkey)
+        except (PycdError, OSError) as exc:
+            log.error(
+                "snapshotter %s: unreferenced snapshot %r not removed: %s", self.name, bkey, exc
+            )
+
+    async def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        ns = namespaces.namespace_required()
+        lease = namespaces.lease()
+        sn = self.name
+        base = labelutil.validate(labels or {})
+        if not name:
+            raise InvalidArgument("committed snapshot name must not be empty")
+
+        def check(conn: sqlite3.Connection) -> records.Row:
+            if lease:
+                records.require_lease(conn, ns, lease)
+            if records.get(conn, ns, sn, name) is not None:
+                raise AlreadyExists(f"snapshot {name!r}")
+            row = records.must(conn, ns, sn, key)
+            if row.kind != Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            return row
+
+        async with self._lock:
+            row = await self._db.view(check)
+            bname = self._backend_key(ns, name)
+            blabels = inherited_labels(base)
+
+            def record(conn: sqlite3.Connection) -> None:
+                records.insert(conn, ns, sn, name, bname, row.parent, Kind.COMMITTED, base)
+                records.delete(conn, ns, sn, key, self._lease_type)
+                # A lease that vanished meanwhile only loses its reference, not the commit.
+                if lease and records.lease_exists(conn, ns, lease):
+                    records.add_to_lease(conn, ns, lease, self._lease_type, name)
+
+            def lost() -> None:
+                # The backend already committed; nothing can bring the active one back.
+                log.error(
+                    "snapshotter %s: commit of %r recorded nowhere; backend %r is orphaned",
+                    sn,
+                    key,
+                    bname,
+                )
+
+            sync = self._sync
+            if sync is not None:
+
+                def work() -> None:
+                    sync.commit_sync(bname, row.backend_key, blabels)
+                    try:
+                        self._db.update_sync(record)
+                    except BaseException:
+                        lost()
+                        raise
+
+                await _finish(asyncio.to_thread(work))
+            else:
+                await self.backend.commit(bname, row.backend_key, blabels)
+                try:
+                    await self._db.update(record)
+                except BaseException:
+                    lost()
+                    raise
+        self._publish(TOPIC_COMMIT, snapshot_pb2.SnapshotCommit(key=key, name=name), ns)
+
+    async def remove(self, key: str) -> None:
+        ns = namespaces.namespace_required()
+        sn = self.name
+
+        def record(conn: sqlite3.Connection) -> str:
+            row = records.must(conn, ns, sn, key)
+            if records.has_children(conn, ns, sn, key):
+                raise FailedPrecondition(f"cannot remove snapshot {key!r} with child")
+            records.delete(conn, ns, sn, key, self._lease_type)
+            return row.backend_key
+
+        async with self._lock:
+            bkey = await self._db.update(record)
+            self._queue_removal(bkey)
+        self._publish(TOPIC_REMOVE, snapshot_pb2.SnapshotRemove(key=key), ns)
+
+    async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
+        ns = namespaces.namespace_required()
+        sn = self.name
+        if not info.name:
+            raise InvalidArgument("snapshot name must not be empty")
+        paths = tuple(fieldpaths)
+
+        def record(conn: sqlite3.Connection) -> tuple[Info, str, bool]:
+            row = records.must(conn, ns, sn, info.name)
+            if paths:
+                new = labelutil.apply_paths(
+                    row.labels, info.labels, paths, f"snapshot {info.name!r}"
+                )
+                new_labels = row.labels if new is None else new
+            else:
+                new_labels = labelutil.validate(info.labels)
+            now = records.set_labels(conn, ns, sn, info.name, new_labels)
+            changed = inherited_labels(new_labels) != inherited_labels(row.labels)
+            updated = Info(row.key, row.kind, row.parent, new_labels, row.created_at, now)
+            return updated, row.backend_key, changed
+
+        updated, bkey, changed = await self._db.update(record)
+        if changed:
+            await self.backend.update(
+                Info(name=bkey, kind=updated.kind, labels=inherited_labels(updated.labels))
+            )
+        return updated
+
+    async def cleanup(self) -> None:
+        await self.backend.cleanup()
+
+    async def prune(self) -> list[str]:
+        """Remove backend snapshots no namespace references, then reclaim disk space.
+
+        The garbage collector calls this after deleting metadata rows (containerd's
+        snapshotter ``garbageCollect``). It holds the mutation lock, so a snapshot being
+        created (in the backend, not yet recorded) is never mistaken for an orphan.
+        Returns the backend keys removed. Children go before their parents; an orphan
+        that still has a referenced child is kept.
+        """
+        sn = self.name
+
+        removed: list[str] = []
+        async with self._lock:
+            await self.flush_removals()
+            keep = await self._db.view(lambda c: records.backend_keys(c, sn))
+            infos = await self.backend.walk()
+            children: dict[str, int] = {}
+            for i in infos:
+                if i.parent:
+                    children[i.parent] = children.get(i.parent, 0) + 1
+            parent_of = {i.name: i.parent for i in infos}
+            ready = [i.name for i in infos if i.name not in keep and not children.get(i.name)]
+            while ready:
+                key = ready.pop()
+                try:
+                    await self.backend.remove(key)
+                except (PycdError, OSError) as exc:
+                    log.warning("snapshotter %s: orphan %r not removed: %s", sn, key, exc)
+                    continue
+                removed.append(key)
+                parent = parent_of.get(key, "")
+                if parent:
+                    children[parent] -= 1
+                    if not children[parent] and parent not in keep:
+                        ready.append(parent)
+        await self.backend.cleanup()
+        return removed
+
+    def _queue_removal(self, bkey: str) -> None:
+        # The namespaced snapshot is gone once its row is; the backend snapshot goes in
+        # the background (in order, so children before parents), off the caller's path.
+        sync = self._sync
+        if sync is not None:
+            self._reaper.submit(self._discard_sync, sync, bkey)
+            return
+        task = asyncio.get_running_loop().create_task(self._discard(bkey))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush_removals(self) -> None:
+        """Wait until the backend removals queued so far are done."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+        await asyncio.to_thread(lambda: self._reaper.submit(lambda: None).result())
+
+    async def close(self) -> None:
+        """Finish queued backend removals; the backend itself is closed by its plugin."""
+        await self.flush_removals()
+        await asyncio.to_thread(self._reaper.shutdown, True)
+
+
+class SnapshotService:
+    """All loaded snapshotters, namespaced; what the Snapshots API and other services use."""
+
+    def __init__(
+        self,
+        db: MetadataDB,
+        snapshotters: Mapping[str, Snapshotter],
+        publisher: Publisher | None = None,
+    ) -> None:
+        seq = _Sequence()
+        self._snapshotters = {
+            name: NamespacedSnapshotter(name, sn, db, publisher, seq)
+            for name, sn in snapshotters.items()
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._snapshotters)
+
+    async def close(self) -> None:
+        """Wait for queued backend removals (before the snapshotter plugins close)."""
+        for sn in self._snapshotters.values():
+            await sn.close()
+
+    def get(self, name: str) -> NamespacedSnapshotter:
+        """The namespaced snapshotter ``name``; InvalidArgument when missing or not loaded."""
+        if not name:
+            raise InvalidArgument("snapshotter argument missing")
+        sn = self._snapshotters.get(name)
+        if sn is None:
+            raise InvalidArgument(f"snapshotter not loaded: {name}")
+        return sn
