@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pycontainerd.plugins import content, core, events, images
+from pycontainerd.plugins import content, core, diff, events, gc, images, snapshots
 
 if TYPE_CHECKING:
     from pycontainerd.plugin import Registration
@@ -12,15 +12,22 @@ if TYPE_CHECKING:
 BUILTINS: tuple[Registration[Any], ...] = (
     events.exchange,
     content.content,
+    snapshots.overlayfs,
+    snapshots.native,
     core.metadata,
     content.content_service,
+    snapshots.snapshots_service,
     core.namespaces_service,
     core.leases_service,
     images.service,
+    diff.differ,
+    gc.scheduler,
     core.namespaces,
     core.leases,
     events.service,
     content.service,
+    snapshots.service,
+    diff.service,
     images.images,
     core.version,
     core.health,
