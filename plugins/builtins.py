@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pycontainerd.plugins import content, core, diff, events, gc, images, snapshots
+from pycontainerd.plugins import (
+    containers,
+    content,
+    core,
+    diff,
+    events,
+    gc,
+    images,
+    snapshots,
+    tasks,
+)
 
 if TYPE_CHECKING:
     from pycontainerd.plugin import Registration
@@ -15,13 +25,17 @@ BUILTINS: tuple[Registration[Any], ...] = (
     snapshots.overlayfs,
     snapshots.native,
     core.metadata,
+    tasks.events_receiver,
+    tasks.runtime,
     content.content_service,
     snapshots.snapshots_service,
     core.namespaces_service,
     core.leases_service,
     images.service,
+    containers.service,
     diff.differ,
     gc.scheduler,
+    tasks.tasks_service,
     core.namespaces,
     core.leases,
     events.service,
@@ -29,6 +43,8 @@ BUILTINS: tuple[Registration[Any], ...] = (
     snapshots.service,
     diff.service,
     images.images,
+    containers.containers,
+    tasks.tasks,
     core.version,
     core.health,
     core.introspection,

@@ -15,6 +15,7 @@ from pycontainerd.content.metadata import NamespacedContentStore
 from pycontainerd.errdefs import PycdError
 from pycontainerd.metadata.db import MetadataDB
 from pycontainerd.plugin import InitContext, PluginType, Registration
+from pycontainerd.services.containers import ContainerService
 from pycontainerd.services.gc import GarbageCollector
 from pycontainerd.services.images import ImageService
 from pycontainerd.services.leases import LeaseService
@@ -46,6 +47,7 @@ async def _init(ic: InitContext) -> GarbageCollector:
     try:
         ic.get_by_id(PluginType.SERVICE, "images-service", ImageService).set_gc(gc.hook)
         ic.get_by_id(PluginType.SERVICE, "leases-service", LeaseService).set_gc(gc.hook)
+        ic.get_by_id(PluginType.SERVICE, "containers-service", ContainerService).set_gc(gc.hook)
     except PycdError as exc:
         log.warning("deletions will not trigger garbage collection: %s", exc)
     if cfg.startup_delay >= 0:
