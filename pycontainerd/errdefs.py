@@ -38,11 +38,11 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
-    "Unimplemented",
     "OutOfRange",
     "PycdError",
     "ResourceExhausted",
     "Unavailable",
+    "Unimplemented",
     "from_rpc_error",
     "from_status",
 ]
