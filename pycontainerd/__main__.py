@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pycontainerd", description="A container supervisor speaking containerd's API."
     )
+    # Global, as containerd's: shims run `<publish-binary> --address A publish ...`.
+    p.add_argument("--address", "-a", dest="global_address", help="daemon gRPC socket (publish)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
@@ -28,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--state", help="runtime state directory")
     s.add_argument("--address", "-a", help="gRPC unix socket path")
     s.add_argument("--log-level", "-l", help="trace, debug, info, warn, error")
+    pub = sub.add_parser("publish", help="publish an event (a serialized Any on stdin)")
+    pub.add_argument("--namespace", required=True)
+    pub.add_argument("--topic", required=True)
     c = sub.add_parser("config", help="configuration helpers")
     csub = c.add_subparsers(dest="config_command", required=True)
     csub.add_parser("default", help="print the default configuration")
@@ -47,8 +52,33 @@ def default_config_text() -> str:
     return configmod.to_toml(data)
 
 
+def _publish(address: str, namespace: str, topic: str) -> int:
+    """What shims call when they cannot reach the ttrpc socket: Events.Publish over gRPC."""
+    import grpc
+    from google.protobuf import any_pb2
+
+    from pycontainerd.api.services.events.v1 import events_pb2, events_pb2_grpc
+
+    payload = any_pb2.Any()
+    payload.ParseFromString(sys.stdin.buffer.read())
+    with grpc.insecure_channel("unix:" + address) as ch:
+        try:
+            events_pb2_grpc.EventsStub(ch).Publish(
+                events_pb2.PublishRequest(topic=topic, event=payload),
+                metadata=(("containerd-namespace", namespace),),
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            print(f"pycontainerd publish: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "publish":
+        address = args.global_address or configmod.DEFAULT_ADDRESS
+        return _publish(address, args.namespace, args.topic)
     if args.command == "config":
         sys.stdout.write(default_config_text())
         return 0

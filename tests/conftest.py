@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pycontainerd.namespaces import current_lease, current_namespace
 from tests.support.daemon import Daemon
 
 if TYPE_CHECKING:
@@ -24,6 +25,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(
                 pytest.mark.skip(reason="needs containerd's ctr client (apt install containerd)")
             )
+
+
+@pytest.fixture(autouse=True)
+def _isolated_request_context() -> Iterator[None]:
+    """Tests that set the request namespace/lease directly must not leak it to others."""
+    ns_token = current_namespace.set(None)
+    lease_token = current_lease.set(None)
+    yield
+    current_namespace.reset(ns_token)
+    current_lease.reset(lease_token)
 
 
 @pytest.fixture(scope="session")

@@ -73,22 +73,25 @@ def collect(conn: sqlite3.Connection, now: int) -> Collected:
         )
     }
     ingests = {
-        (ns, ref): exp
-        for ns, ref, exp in conn.execute("SELECT namespace, ref, expires_at FROM ingests")
+        (ns, ref): (exp, expected)
+        for ns, ref, exp, expected in conn.execute(
+            "SELECT namespace, ref, expires_at, expected FROM ingests"
+        )
     }
 
     live: set[Node] = set()
-    flat: set[Node] = set()  # marked, but their references are not followed
-    queue: deque[Node] = deque()
+    # A node reached only through a gc.flat lease is kept with its parents, but its label
+    # references are not followed; reached any other way too, it is followed in full.
+    followed: set[Node] = set()
+    queue: deque[tuple[Node, bool]] = deque()
 
     def mark(node: Node, follow: bool = True) -> None:
-        if node in live:
+        if node in followed or (not follow and node in live):
             return
         live.add(node)
         if follow:
-            queue.append(node)
-        else:
-            flat.add(node)
+            followed.add(node)
+        queue.append((node, follow))
 
     for ns, dg in conn.execute("SELECT namespace, digest FROM images"):
         mark(("content", ns, "", dg))
@@ -121,24 +124,31 @@ def collect(conn: sqlite3.Connection, now: int) -> Collected:
     for (ns, sn, key), (_, lab) in snapshots.items():
         if GC_ROOT in lab:
             mark(("snapshot", ns, sn, key))
-    for (ns, ref), exp in ingests.items():
+    for (ns, ref), (exp, _) in ingests.items():
         if exp == 0 or exp > now:
             mark(("ingest", ns, "", ref))
 
     while queue:
-        kind, ns, sn, ident = queue.popleft()
+        (kind, ns, sn, ident), follow = queue.popleft()
         if kind == "content":
-            for ref in _label_refs(ns, content_labels.get((ns, ident), {})):
-                mark(ref)
+            if follow:
+                for ref in _label_refs(ns, content_labels.get((ns, ident), {})):
+                    mark(ref)
         elif kind == "snapshot":
             entry = snapshots.get((ns, sn, ident))
             if entry is None:
                 continue
             parent, lab = entry
             if parent:
-                mark(("snapshot", ns, sn, parent))
-            for ref in _label_refs(ns, lab):
-                mark(ref)
+                mark(("snapshot", ns, sn, parent), follow)
+            if follow:
+                for ref in _label_refs(ns, lab):
+                    mark(ref)
+        elif kind == "ingest":
+            # An ingest holds on to the blob it expects to become.
+            expected = ingests.get((ns, ident), (0, ""))[1]
+            if expected:
+                mark(("content", ns, "", expected))
 
     out = Collected()
     for ns, dg in content_labels:
