@@ -27,6 +27,9 @@ from pycontainerd.tasks.manager import TaskManager
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from pycontainerd.tasks.bundle import Bundle
+    from pycontainerd.tasks.manager import ShimStarter
+
 log = logging.getLogger(__name__)
 
 TTRPC_EVENTS = "containerd.services.events.ttrpc.v1.Events"
@@ -73,6 +76,25 @@ async def _init_events(ic: InitContext) -> EventsReceiver:
     return recv
 
 
+PYRUNC = "io.containerd.pyrunc.v1"
+
+
+def _starters(ic: InitContext) -> dict[str, ShimStarter]:
+    """In-process starters: our own shim is forked from a preloaded zygote, not exec'd."""
+    try:
+        from pycontainerd.shim import launcher
+    except ImportError as exc:  # pragma: no cover - the shim ships with the daemon
+        log.warning("our shim cannot be started in-process: %s", exc)
+        return {}
+
+    async def start_pyrunc(b: Bundle, runtime: str, options: bytes) -> str:
+        return await launcher.start_shim(
+            b.namespace, b.id, str(b.path), ic.address, ic.ttrpc_address, options
+        )
+
+    return {PYRUNC: start_pyrunc}
+
+
 async def _init_runtime(ic: InitContext) -> TaskManager:
     cfg: RuntimeConfig = ic.config
     ic.platforms.append("linux/amd64")
@@ -84,6 +106,7 @@ async def _init_runtime(ic: InitContext) -> TaskManager:
         publisher=ic.get(PluginType.EVENT, Exchange),
         publish_binary=_publish_binary(),
         runtimes=cfg.runtimes,
+        starters={} if PYRUNC in cfg.runtimes else _starters(ic),
     )
 
 
