@@ -164,7 +164,7 @@ def validate(c: Container) -> None:
         raise InvalidArgument("container.Snapshotter must be set if container.SnapshotKey is set")
 
 
-def _find(conn: sqlite3.Connection, ns: str, cid: str) -> Container | None:
+def find(conn: sqlite3.Connection, ns: str, cid: str) -> Container | None:
     r = conn.execute(
         f"SELECT {_COLUMNS} FROM containers WHERE namespace = ? AND id = ?", (ns, cid)
     ).fetchone()
@@ -172,7 +172,7 @@ def _find(conn: sqlite3.Connection, ns: str, cid: str) -> Container | None:
 
 
 def get(conn: sqlite3.Connection, ns: str, cid: str) -> Container:
-    found = _find(conn, ns, cid)
+    found = find(conn, ns, cid)
     if found is None:
         raise NotFound(f'container "{cid}" in namespace "{ns}"')
     return found
@@ -221,7 +221,7 @@ def create(conn: sqlite3.Connection, ns: str, container: Container) -> Container
     except InvalidArgument as exc:
         raise InvalidArgument(f"create container failed validation: {exc.message}") from None
     namespaces.ensure(conn, ns)
-    if _find(conn, ns, new.id) is not None:
+    if find(conn, ns, new.id) is not None:
         raise AlreadyExists(f'container "{new.id}"')
     new.created_at = new.updated_at = namespaces.now_ns()
     _write(conn, ns, new)
@@ -234,7 +234,7 @@ def update(
     """Apply ``paths`` of ``container`` to the stored one (see the module docstring)."""
     if not container.id:
         raise InvalidArgument("must specify a container id")
-    current = _find(conn, ns, container.id)
+    current = find(conn, ns, container.id)
     if current is None:
         raise NotFound(f'container "{container.id}"')
     new = _copy(current)

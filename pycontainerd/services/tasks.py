@@ -8,7 +8,6 @@ process is answered by its shim; task events are published by the shims themselv
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2, empty_pb2
@@ -19,10 +18,10 @@ from pycontainerd.api.types import metrics_pb2
 from pycontainerd.api.types.task import task_pb2
 from pycontainerd.errdefs import InvalidArgument, NotFound, Unimplemented
 from pycontainerd.grpc.convert import timestamp
+from pycontainerd.metadata import containers
 from pycontainerd.namespaces import namespace_required
 
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Sequence
 
     from pycontainerd.api.types import mount_pb2
@@ -31,34 +30,8 @@ if TYPE_CHECKING:
     from pycontainerd.tasks.manager import Task, TaskManager
 
 
-@dataclass(frozen=True, slots=True)
-class ContainerRecord:
-    id: str
-    spec: any_pb2.Any
-    runtime: str
-    runtime_options: any_pb2.Any | None
-    snapshotter: str
-    snapshot_key: str
-
-
-def _any(blob: bytes | None) -> any_pb2.Any | None:
-    if not blob:
-        return None
-    a = any_pb2.Any()
-    a.ParseFromString(blob)
-    return a
-
-
-def read_container(conn: sqlite3.Connection, ns: str, id_: str) -> ContainerRecord | None:
-    row = conn.execute(
-        "SELECT spec, runtime_name, runtime_options, snapshotter, snapshot_key FROM containers"
-        " WHERE namespace = ? AND id = ?",
-        (ns, id_),
-    ).fetchone()
-    if row is None:
-        return None
-    spec = _any(row[0]) or any_pb2.Any()
-    return ContainerRecord(id_, spec, row[1], _any(row[2]), row[3], row[4])
+def _any(value: containers.AnyValue | None) -> any_pb2.Any | None:
+    return None if value is None else any_pb2.Any(type_url=value.type_url, value=value.value)
 
 
 def process_of(container_id: str, st: shim_pb2.StateResponse) -> task_pb2.Process:
@@ -87,7 +60,7 @@ class TasksService:
         self._snapshots = snapshots
 
     async def container_exists(self, ns: str, id_: str) -> bool:
-        return await self._db.view(lambda c: read_container(c, ns, id_)) is not None
+        return await self._db.view(lambda c: containers.find(c, ns, id_)) is not None
 
     def _task(self, id_: str) -> Task:
         ns = namespace_required()
@@ -108,9 +81,7 @@ class TasksService:
         checkpoint: bool,
     ) -> int:
         ns = namespace_required()
-        container = await self._db.view(lambda c: read_container(c, ns, container_id))
-        if container is None:
-            raise NotFound(f"container {container_id!r}")
+        container = await self._db.view(lambda c: containers.get(c, ns, container_id))
         if checkpoint:
             raise Unimplemented("restore from checkpoint requires criu, which is not available")
         req = shim_pb2.CreateTaskRequest(
@@ -122,14 +93,16 @@ class TasksService:
                 req.rootfs.add(
                     type=m.type, source=m.source, target=m.target, options=list(m.options)
                 )
-        opts = options if options is not None and options.type_url else container.runtime_options
+        opts = (
+            options if options is not None and options.type_url else _any(container.runtime.options)
+        )
         if opts is not None:
             req.options.CopyFrom(opts)
         _task, pid = await self.manager.create(
             ns,
             container_id,
-            spec=container.spec.value,
-            runtime=container.runtime,
+            spec=container.spec.value if container.spec is not None else b"",
+            runtime=container.runtime.name,
             options=opts.SerializeToString() if opts is not None else b"",
             request=req,
         )
