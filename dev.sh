@@ -13,6 +13,8 @@ APT_PACKAGES=(
   busybox-static       # test images are built from it
   zstd
   iproute2
+  containernetworking-plugins   # bridge, host-local, loopback, portmap for container networks
+  iptables iputils-ping util-linux
   python3 python3-venv python3-dev
   gcc
 )
