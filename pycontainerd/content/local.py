@@ -31,6 +31,8 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
@@ -327,6 +329,10 @@ class LocalStore:
         return LocalWriter(self, path, fd, status, hasher)
 
 
+# Bytes an ingest may have acknowledged but not yet written to disk.
+PIPELINE_BYTES = 8 << 20
+
+
 class LocalWriter:
     """One open ingest, holding its ref's lock until commit or close.
 
@@ -343,6 +349,12 @@ class LocalWriter:
         self._hasher = hasher
         self._mu = threading.Lock()
         self._holds_lock = True
+        # Pipelined writes: hashed at once (responses report the digest), written to disk
+        # in order by one thread of the writer's own while the client prepares more.
+        self._disk: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._pending_bytes = 0
+        self._failed: BaseException | None = None
         self.ref = status.ref
         self.offset = status.offset
         self.total = status.total
@@ -376,7 +388,57 @@ class LocalWriter:
     def write(self, data: bytes | memoryview) -> int:
         """Append ``data`` and hash it; DataLoss if the disk took none of it."""
         with self._mu:
+            self._drain()
             return self._write(data)
+
+    def write_pipelined(self, data: bytes) -> None:
+        """Hash ``data`` and count it now; write it to disk in the background, in order.
+
+        Errors of a background write surface on the next call (as DataLoss). At most
+        ``PIPELINE_BYTES`` wait for the disk; beyond that this call waits for the oldest.
+        """
+        with self._mu:
+            self._check_failed()
+            fd = self._open_fd()
+            if self._disk is None:
+                self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+            self._pending.append((self._disk.submit(self._write_raw, fd, data), len(data)))
+            self._pending_bytes += len(data)
+            self._hasher.update(data)
+            self.offset += len(data)
+            self.updated_at = time.time_ns()
+            while self._pending_bytes > PIPELINE_BYTES:
+                self._wait_oldest()
+
+    def _write_raw(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            n = os.write(fd, view[written:])
+            if n <= 0:
+                raise DataLoss(f"wrote {written} of {len(view)} bytes")
+            written += n
+
+    def _wait_oldest(self) -> None:
+        fut, size = self._pending.popleft()
+        self._pending_bytes -= size
+        try:
+            fut.result()
+        except BaseException as exc:
+            self._failed = self._failed or exc
+
+    def _drain(self) -> None:
+        """Wait for every background write; DataLoss if one failed."""
+        while self._pending:
+            self._wait_oldest()
+        if self._disk is not None:
+            self._disk.shutdown(wait=False)
+            self._disk = None
+        self._check_failed()
+
+    def _check_failed(self) -> None:
+        if self._failed is not None:
+            raise DataLoss(f"ingest {self.ref!r}: a write failed: {self._failed}")
 
     def _write(self, data: bytes | memoryview) -> int:
         fd = self._open_fd()
@@ -399,6 +461,7 @@ class LocalWriter:
         if size != 0:
             raise InvalidArgument("truncate: only size 0 is supported")
         with self._mu:
+            self._drain()
             fd = self._open_fd()
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
@@ -414,6 +477,11 @@ class LocalWriter:
         already on disk. The writer is closed and the ref unlocked in every case.
         """
         with self._mu:
+            try:
+                self._drain()
+            except BaseException:
+                self._close()
+                raise
             return self._commit(size, expected)
 
     def _commit(self, size: int, expected: str) -> str:
@@ -456,6 +524,10 @@ class LocalWriter:
     def close(self) -> None:
         """Keep the data for a later resume, record the update time, release the ref."""
         with self._mu:
+            try:
+                self._drain()
+            except DataLoss as exc:
+                log.warning("%s", exc)
             self._close()
 
     def _close(self) -> None:

@@ -162,11 +162,12 @@ class ContentWriter:
 
 
 def _write_at(w: LocalWriter, offset: int, data: bytes) -> None:
-    # One thread hop per protocol message: truncate if asked, write, hash.
+    # One thread hop per protocol message: truncate if asked, then hash the bytes and hand
+    # them to the writer's disk thread (the client sends the next message meanwhile).
     if offset == 0 and w.offset > 0:
         w.truncate(0)
     if data:
-        w.write(data)
+        w.write_pipelined(data)
 
 
 def _copy_blob(backend: LocalStore, digest: str, w: LocalWriter) -> None:
