@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,8 +255,10 @@ class NetworkManager:
             )
             self.conf_dir.mkdir(parents=True, exist_ok=True)
             path = self.conf_dir / DEFAULT_CONF_NAME
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            # A unique temporary name: concurrent first setups may all write the default.
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.conf_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(doc, indent=2) + "\n")
             os.replace(tmp, path)
             log.info("wrote default CNI network %r to %s", self.default_network, path)
             nets[self.default_network] = parse_config(json.dumps(doc), source=str(path))
