@@ -15,6 +15,7 @@ APT_PACKAGES=(
   iproute2
   containernetworking-plugins   # bridge, host-local, loopback, portmap for container networks
   iptables iputils-ping util-linux
+  docker-registry skopeo openssl  # a local registry, another registry client, test CAs
   python3 python3-venv python3-dev
   gcc
 )
