@@ -11,14 +11,16 @@ DATA frame and one ``write(2)``.
 The server accepts the handlers grpcio-generated code registers (``add_XServicer_to_server``
 calls ``add_generic_rpc_handlers`` and ``add_registered_method_handlers``), so servicers are
 the same classes either way. Behaviours get a ``ServicerContext`` with the subset of
-``grpc.aio.ServicerContext`` this project uses. HTTP/2 framing and HPACK come from the
-``h2`` package; gRPC framing, flow control, deadlines and cancellation are here.
+``grpc.aio.ServicerContext`` this project uses. HTTP/2 itself is ``http2.H2Connection``
+(a generic library such as ``h2`` cost three times our whole per-call budget); gRPC
+framing, response header blocks, deadlines and cancellation are here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import logging
 import time
@@ -28,11 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
+
+from pycontainerd.grpc.http2 import PROTOCOL_ERROR, H2Connection, H2Stream, hpack_literal
 
 if TYPE_CHECKING:
     import ssl
@@ -40,24 +39,52 @@ if TYPE_CHECKING:
 
     Handler = grpc.RpcMethodHandler[Any, Any]
     Wrapper = Callable[[Handler, str], Handler]
+    Metadata = Iterable[tuple[str, str | bytes]]
+    # (kind, behaviour, request deserializer, response serializer); kind is one of
+    # _UNARY_UNARY.._STREAM_STREAM.
+    Rpc = tuple[int, Any, Callable[[bytes], Any] | None, Callable[[Any], bytes] | None]
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Server", "ServicerContext"]
 
-# Inbound windows are generous so 1 MiB Content writes stream without stalls; credit is
-# returned as the handler consumes messages, which bounds what one stream can buffer.
-STREAM_WINDOW = 4 << 20
-CONNECTION_WINDOW = 32 << 20
-MAX_FRAME = 1 << 20
+_UNARY_UNARY, _UNARY_STREAM, _STREAM_UNARY, _STREAM_STREAM = range(4)
 # Complete request messages a handler has not taken yet, beyond which credit is held back.
 QUEUED_LIMIT = 1 << 20
+# Stream credit goes back in WINDOW_UPDATEs of at least this size (below the window, so a
+# sender is never left waiting for it).
+STREAM_CREDIT_BATCH = 256 << 10
 # A stream handler that has this much unsent data waits for the peer before producing more.
 STREAM_HIGH_WATER = 4 << 20
 _RESERVED = frozenset(
     (b"te", b"content-type", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
 )
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+_OK = grpc.StatusCode.OK
+# Response header blocks are precomputed: ":status: 200" is static-table index 8, and
+# content-type is a literal without indexing on static name index 31.
+RESPONSE_HEADERS = b"\x88\x0f\x10\x10application/grpc"
+_STATUS = {c: hpack_literal(b"grpc-status", str(c.value[0]).encode()) for c in grpc.StatusCode}
+_OK_TRAILERS = _STATUS[_OK]
+
+
+def _metadata_block(metadata: Metadata) -> bytes:
+    parts = []
+    for k, v in metadata:
+        key = k.lower().encode("latin-1")
+        raw = v if isinstance(v, bytes) else v.encode()
+        if key.endswith(b"-bin"):
+            raw = base64.b64encode(raw).rstrip(b"=")
+        parts.append(hpack_literal(key, raw))
+    return b"".join(parts)
+
+
+def _trailers_block(code: grpc.StatusCode, details: str, trailing: Metadata) -> bytes:
+    block = _STATUS[code]
+    if details:
+        quoted = urllib.parse.quote(details, safe=" !#$&'()*+,/:;=?@[]~").encode()
+        block += hpack_literal(b"grpc-message", quoted)
+    return block + _metadata_block(trailing)
 
 
 class _Abort(Exception):
@@ -69,17 +96,10 @@ class _Abort(Exception):
         self.details = details
 
 
-def _status_headers(code: grpc.StatusCode, details: str) -> list[tuple[bytes, bytes]]:
-    out = [(b"grpc-status", str(code.value[0]).encode())]
-    if details:
-        out.append(
-            (b"grpc-message", urllib.parse.quote(details, safe=" !#$&'()*+,/:;=?@[]~").encode())
-        )
-    return out
-
-
 class ServicerContext:
     """Per-RPC context handed to behaviours (the parts of grpc.aio's this project uses)."""
+
+    __slots__ = ("_callbacks", "_code", "_details", "_stream", "_trailing")
 
     def __init__(self, stream: _Stream) -> None:
         self._stream = stream
@@ -119,11 +139,11 @@ class ServicerContext:
     def details(self) -> str:
         return self._details
 
-    def set_trailing_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+    def set_trailing_metadata(self, metadata: Metadata) -> None:
         self._trailing = list(metadata)
 
-    async def send_initial_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
-        self._stream.send_headers(list(metadata))
+    async def send_initial_metadata(self, metadata: Metadata) -> None:
+        self._stream.send_headers(metadata)
 
     def disable_next_message_compression(self) -> None:
         return None
@@ -148,59 +168,40 @@ class ServicerContext:
                 log.exception("done callback failed")
 
 
-class _Stream:
+class _Stream(H2Stream):
     """One RPC: inbound message assembly, outbound buffering, and the handler task."""
 
-    __slots__ = (
-        "cancelled",
-        "compressed",
-        "conn",
-        "context",
-        "deadline",
-        "finished",
-        "handler",
-        "headers_sent",
-        "id",
-        "inbound",
-        "messages",
-        "metadata",
-        "method",
-        "out",
-        "out_size",
-        "queued",
-        "task",
-        "trailers",
-        "unacked",
-        "window_waiter",
-    )
+    __slots__ = ("cancelled", "compressed", "conn", "context", "deadline", "expired",
+                 "finished", "headers_sent", "held", "inbound", "messages", "metadata", "method",
+                 "queued", "requests", "rpc", "task", "timer", "unacked")  # fmt: skip
 
     def __init__(self, conn: _Connection, stream_id: int, method: str) -> None:
+        super().__init__(stream_id, conn.peer_initial_window)
         self.conn = conn
-        self.id = stream_id
         self.method = method
+        self.rpc: Rpc | None = None
         self.metadata: tuple[tuple[str, str | bytes], ...] = ()
         self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.expired = False
         self.compressed = False
         self.inbound = bytearray()
-        # (message, bytes it took on the wire); None marks the end of the requests.
-        self.messages: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
-        self.unacked = 0
+        # Streaming requests go through a queue of (message, bytes it took on the wire),
+        # None marking the end; a unary request is collected here until END_STREAM.
+        self.messages: asyncio.Queue[tuple[bytes, int] | None] | None = None
+        self.requests: list[bytes] = []
+        self.unacked = 0  # stream credit not returned yet
+        self.held = 0  # connection credit held back while the handler lags
         self.queued = 0
-        self.out: list[bytes] = []
-        self.out_size = 0
         self.headers_sent = False
         self.cancelled = False
         self.finished = False
         self.task: asyncio.Task[None] | None = None
-        self.handler: Handler | None = None
         self.context = ServicerContext(self)
-        self.window_waiter: asyncio.Future[None] | None = None
-        # Set once the handler is done: the status goes out after the buffered messages.
-        self.trailers: list[tuple[bytes, bytes]] | None = None
 
     # -- inbound ---------------------------------------------------------------------
 
-    def data(self, chunk: bytes, flow_length: int) -> None:
+    def data(self, chunk: bytes, flow: int) -> None:
         """Take a DATA payload: assemble messages, and return credit unless the handler lags.
 
         Credit for a message still being assembled is returned at once (a message larger
@@ -208,7 +209,32 @@ class _Stream:
         handler has not taken yet is held back, so one stream buffers at most about
         ``QUEUED_LIMIT`` plus the window.
         """
-        self.unacked += flow_length
+        n = len(chunk)
+        if (
+            not self.inbound
+            and n >= 5
+            and not chunk[0]
+            and int.from_bytes(chunk[1:5], "big") == n - 5
+            and n - 5 <= self.conn.server.max_receive
+        ):
+            self._deliver(chunk[5:], n)  # the common case: exactly one whole message
+        elif chunk:
+            self._assemble(chunk)
+        self.unacked += flow
+        self.held += flow
+        if self.queued < QUEUED_LIMIT:
+            self._credit()
+
+    def _credit(self) -> None:
+        conn = self.conn
+        if self.held:
+            conn.credit_connection(self.held)
+            self.held = 0
+        if self.unacked >= STREAM_CREDIT_BATCH:
+            conn.credit_stream(self, self.unacked)
+            self.unacked = 0
+
+    def _assemble(self, chunk: bytes) -> None:
         self.inbound += chunk
         limit = self.conn.server.max_receive
         while len(self.inbound) >= 5:
@@ -229,19 +255,25 @@ class _Stream:
                         grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding"
                     )
                 body = zlib.decompress(body, 31)
-            self.queued += size + 5
-            self.messages.put_nowait((body, size + 5))
-        if self.queued < QUEUED_LIMIT:
-            self.consumed(0)
+            self._deliver(body, size + 5)
+
+    def _deliver(self, body: bytes, wire: int) -> None:
+        if self.messages is None:
+            if self.requests:
+                raise _Abort(grpc.StatusCode.INTERNAL, "expected one request message, got more")
+            self.requests.append(body)
+            return
+        self.queued += wire
+        self.messages.put_nowait((body, wire))
 
     def consumed(self, size: int) -> None:
         """Account for a message the handler took; return held-back credit when due."""
         self.queued -= size
-        if self.unacked and self.queued < QUEUED_LIMIT and not self.finished:
-            n, self.unacked = self.unacked, 0
-            self.conn.ack(self.id, n)
+        if self.queued < QUEUED_LIMIT:
+            self._credit()
 
     async def next_message(self) -> bytes | None:
+        assert self.messages is not None
         item = await self.messages.get()
         if item is None:
             return None
@@ -250,32 +282,30 @@ class _Stream:
 
     # -- outbound --------------------------------------------------------------------
 
-    def send_headers(self, metadata: list[tuple[str, str | bytes]] | None = None) -> None:
-        if self.headers_sent:
+    def send_headers(self, metadata: Metadata | None = None) -> None:
+        if self.headers_sent or self.finished:
             return
         self.headers_sent = True
-        headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-        for k, v in metadata or ():
-            headers.append((k.encode(), v if isinstance(v, bytes) else v.encode()))
-        self.conn.send_headers(self.id, headers, end_stream=False)
+        block = RESPONSE_HEADERS + _metadata_block(metadata) if metadata else RESPONSE_HEADERS
+        self.conn.send_headers(self, block, False)
 
     def queue(self, data: bytes) -> None:
+        if self.finished:
+            return
         if len(data) > self.conn.server.max_send:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "grpc: trying to send message larger than max "
                 f"({len(data)} vs. {self.conn.server.max_send})",
             )
-        self.send_headers()
-        self.out.append(b"\x00" + len(data).to_bytes(4, "big"))
-        self.out.append(data)
-        self.out_size += len(data) + 5
-        self.conn.schedule_flush(self)
+        if not self.headers_sent:
+            self.send_headers()
+        # Uncompressed-flag byte 0 then the 4-byte length: one 5-byte big-endian integer.
+        self.conn.send_data(self, len(data).to_bytes(5, "big"), data)
 
     async def write(self, message: Any) -> None:
-        handler = self.handler
-        serializer = handler.response_serializer if handler is not None else None
-        self.queue(serializer(message) if serializer is not None else message)
+        ser = self.rpc[3] if self.rpc is not None else None
+        self.queue(ser(message) if ser is not None else message)
         if self.out_size > STREAM_HIGH_WATER or self.conn.paused:
             await self.conn.drained(self)
 
@@ -284,172 +314,160 @@ class _Stream:
         if self.finished:
             return
         self.finished = True
-        trailers = _status_headers(code, details)
-        for k, v in self.context._trailing:
-            trailers.append((k.encode(), v if isinstance(v, bytes) else v.encode()))
-        self.conn.finish(self, trailers)
+        trailing = self.context._trailing
+        if code is _OK and not details and not trailing:
+            block = _OK_TRAILERS
+        else:
+            block = _trailers_block(code, details, trailing)
+        conn = self.conn
+        if not self.headers_sent and not self.out:
+            # Trailers-Only: status in the one and only HEADERS frame.
+            self.headers_sent = True
+            conn.send_headers(self, RESPONSE_HEADERS + block, True)
+        else:
+            if not self.headers_sent:
+                self.send_headers()
+            conn.end_stream(self, block)
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: the h2 state machine and its streams."""
+class _Connection(H2Connection):
+    """One client connection: HTTP/2 events turned into RPCs."""
 
     def __init__(self, server: Server) -> None:
+        super().__init__()
         self.server = server
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        self.streams: dict[int, _Stream] = {}
-        self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.paused = False
         self._drain: list[asyncio.Future[None]] = []
-        self._dirty: dict[int, _Stream] = {}
-        self._flush_handle: asyncio.Handle | None = None
-        self._loop = asyncio.get_running_loop()
-
-    # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = (
             f"unix:{peer}" if isinstance(peer, str) or not peer else f"ipv4:{peer[0]}:{peer[1]}"
         )
-        transport.set_write_buffer_limits(high=8 << 20)
         self.server._connections.add(self)
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10000,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 1 << 20,
-            },
-        )
-        # h2 only tracks settings changes acknowledged later; these are our first settings,
-        # so its inbound frame limit has to be raised by hand.
-        self.h2.max_inbound_frame_size = MAX_FRAME
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        transport.write(self.h2.data_to_send())
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def on_lost(self) -> None:
         self.server._connections.discard(self)
-        for s in list(self.streams.values()):
-            self._cancel(s)
-        self.streams.clear()
         self._wake_drain()
-
-    def pause_writing(self) -> None:
-        self.paused = True
 
     def resume_writing(self) -> None:
-        self.paused = False
+        super().resume_writing()
         self._wake_drain()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
-            self._write_out()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        for ev in events:
-            if isinstance(ev, h2.events.DataReceived):
-                self._on_data(ev)
-            elif isinstance(ev, h2.events.RequestReceived):
-                self._on_request(ev)
-            elif isinstance(ev, h2.events.StreamEnded):
-                s = self.streams.get(ev.stream_id)
-                if s is not None:
-                    if s.inbound:
-                        self._fail(
-                            s, grpc.StatusCode.INTERNAL, "truncated message at end of stream"
-                        )
-                    else:
-                        s.messages.put_nowait(None)
-            elif isinstance(ev, h2.events.StreamReset):
-                s = self.streams.pop(ev.stream_id, None)
-                if s is not None:
-                    s.finished = True
-                    self._cancel(s)
-            elif isinstance(ev, h2.events.WindowUpdated):
-                self._on_window(ev.stream_id)
-            elif isinstance(ev, h2.events.RemoteSettingsChanged):
-                self._on_window(0)
-            elif isinstance(ev, h2.events.ConnectionTerminated) and self.transport is not None:
-                self.transport.close()
-        self._write_out()
 
     # -- inbound ---------------------------------------------------------------------
 
-    def _on_request(self, ev: h2.events.RequestReceived) -> None:
-        sid = ev.stream_id
+    def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         path = b""
         metadata: list[tuple[str, str | bytes]] = []
         timeout: float | None = None
         encoding = b""
-        for k, v in ev.headers or ():
-            if k == b":path":
-                path = v
-            elif k.startswith(b":") or k in _RESERVED:
+        bad_md = ""
+        for k, v in headers:
+            if k[:1] == b":":
+                if k == b":path":
+                    path = v
+            elif k in _RESERVED:
                 if k == b"grpc-timeout":
                     timeout = _parse_timeout(v)
                 elif k == b"grpc-encoding":
                     encoding = v
-                continue
             elif k.endswith(b"-bin"):
-                metadata.append((k.decode(), base64.b64decode(v + b"=" * (-len(v) % 4))))
+                try:
+                    metadata.append((k.decode("latin-1"), base64.b64decode(v + b"==")))
+                except binascii.Error:
+                    bad_md = k.decode("latin-1")
             else:
-                metadata.append((k.decode(), v.decode("latin-1")))
+                metadata.append((k.decode("latin-1"), v.decode("latin-1")))
+        if not path:
+            self.reset(sid, PROTOCOL_ERROR)
+            return
         method = path.decode("latin-1")
-        stream = _Stream(self, sid, method)
-        stream.metadata = tuple(metadata)
-        self.streams[sid] = stream
+        s = _Stream(self, sid, method)
+        s.metadata = tuple(metadata)
+        s.recv_closed = end_stream
+        self.streams[sid] = s
+        if bad_md:
+            self._fail(s, grpc.StatusCode.INTERNAL, f"bad base64 in metadata {bad_md!r}")
+            return
         if encoding not in (b"", b"identity", b"gzip"):
             self._fail(
-                stream,
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"unsupported grpc-encoding {encoding.decode()!r}",
+                s, grpc.StatusCode.UNIMPLEMENTED, f"unsupported grpc-encoding {encoding.decode()!r}"
             )
             return
-        stream.compressed = encoding == b"gzip"
-        handler = self.server.lookup(method)
-        if handler is None:
-            self._fail(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method}")
+        s.compressed = encoding == b"gzip"
+        rpc = self.server.lookup(method)
+        if rpc is None:
+            self._fail(s, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method}")
             return
-        stream.handler = handler
+        s.rpc = rpc
         if timeout is not None:
-            stream.deadline = time.monotonic() + timeout
-        stream.task = self._loop.create_task(self.server._run(stream, handler, timeout))
+            s.deadline = time.monotonic() + timeout
+            s.timer = self._loop.call_later(timeout, self._expire, s)
+        if rpc[0] >= _STREAM_UNARY:
+            s.messages = asyncio.Queue()
+            self._start(s, None)
+            if end_stream:
+                s.messages.put_nowait(None)
+        elif end_stream:
+            self._fail(s, grpc.StatusCode.INTERNAL, "expected one request message, got none")
 
-    def _on_data(self, ev: h2.events.DataReceived) -> None:
-        s = self.streams.get(ev.stream_id)
-        if s is None:
-            if ev.flow_controlled_length:
-                self.ack(ev.stream_id, ev.flow_controlled_length)
+    def on_data(self, s: H2Stream, data: bytes, flow: int, end_stream: bool) -> None:
+        assert isinstance(s, _Stream)
+        if s.finished:
+            self.credit_connection(flow)
             return
         try:
-            s.data(ev.data or b"", ev.flow_controlled_length or 0)
+            s.data(data, flow)
         except _Abort as exc:
             self._fail(s, exc.code, exc.details)
+            return
         except zlib.error as exc:
             self._fail(s, grpc.StatusCode.INTERNAL, f"cannot decompress message: {exc}")
+            return
+        if end_stream:
+            if s.inbound:
+                self._fail(s, grpc.StatusCode.INTERNAL, "truncated message at end of stream")
+            elif s.messages is not None:
+                s.messages.put_nowait(None)
+            elif s.requests:
+                self._start(s, s.requests.pop())
+            else:
+                self._fail(s, grpc.StatusCode.INTERNAL, "expected one request message, got none")
 
-    def ack(self, stream_id: int, n: int) -> None:
-        with contextlib.suppress(
-            h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError
-        ):
-            self.h2.acknowledge_received_data(n, stream_id)
-            self._schedule()
+    def _start(self, s: _Stream, request: bytes | None) -> None:
+        task = self._loop.create_task(self.server._run(s, request))
+        s.task = task
+        self.server._tasks.add(task)
+
+    def on_reset(self, s: H2Stream) -> None:
+        assert isinstance(s, _Stream)
+        s.finished = True
+        self._cancel(s)
+        self._done(s)
+
+    def on_closed(self, s: H2Stream) -> None:
+        assert isinstance(s, _Stream)
+        self._done(s)
+        s.context._run_callbacks()
+
+    def _done(self, s: _Stream) -> None:
+        if s.timer is not None:
+            s.timer.cancel()
+            s.timer = None
+        if s.held:
+            self.credit_connection(s.held)
+            s.held = 0
+
+    def _expire(self, s: _Stream) -> None:
+        s.timer = None
+        s.expired = True
+        if s.finished:
+            return
+        if s.task is not None:
+            s.task.cancel()
+        else:  # the request never completed
+            self._fail(s, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def _fail(self, s: _Stream, code: grpc.StatusCode, details: str) -> None:
         self._cancel(s)
@@ -461,99 +479,11 @@ class _Connection(asyncio.Protocol):
         s.cancelled = True
         if s.task is not None and not s.task.done():
             s.task.cancel()
-        waiter = s.window_waiter
+        waiter = s.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     # -- outbound --------------------------------------------------------------------
-
-    def send_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self.h2.send_headers(sid, headers, end_stream=end_stream)
-        self._schedule()
-
-    def schedule_flush(self, s: _Stream) -> None:
-        self._dirty[s.id] = s
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
-
-    def finish(self, s: _Stream, trailers: list[tuple[bytes, bytes]]) -> None:
-        if not s.headers_sent and not s.out:
-            # Trailers-Only: status in the one and only HEADERS frame.
-            s.headers_sent = True
-            headers = [(b":status", b"200"), (b"content-type", b"application/grpc"), *trailers]
-            self.send_headers(s.id, headers, end_stream=True)
-            self._closed(s)
-            return
-        s.send_headers()
-        s.trailers = trailers
-        self.schedule_flush(s)
-
-    def _closed(self, s: _Stream) -> None:
-        self.streams.pop(s.id, None)
-        s.context._run_callbacks()
-
-    def _flush(self) -> None:
-        self._flush_handle = None
-        if self.transport is None or self.transport.is_closing():
-            return
-        dirty, self._dirty = self._dirty, {}
-        for s in dirty.values():
-            self._flush_stream(s)
-        self._write_out()
-
-    def _flush_stream(self, s: _Stream) -> None:
-        h = self.h2
-        if s.out:
-            data = b"".join(s.out) if len(s.out) > 1 else s.out[0]
-            s.out.clear()
-            sent = 0
-            try:
-                while sent < len(data):
-                    window = min(h.local_flow_control_window(s.id), h.max_outbound_frame_size)
-                    if window <= 0:
-                        break
-                    chunk = data[sent : sent + window]
-                    h.send_data(s.id, chunk)
-                    sent += len(chunk)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-                s.out_size = 0
-                self.streams.pop(s.id, None)
-                self._cancel(s)
-                return
-            if sent < len(data):
-                s.out.append(data[sent:])
-                s.out_size = len(data) - sent
-                return  # blocked on flow control; WindowUpdated resumes it
-            s.out_size = 0
-            waiter = s.window_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        if s.trailers is not None:
-            trailers, s.trailers = s.trailers, None
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                h.send_headers(s.id, trailers, end_stream=True)
-            self._closed(s)
-
-    def _on_window(self, stream_id: int) -> None:
-        if stream_id == 0:
-            targets = list(self.streams.values())
-        else:
-            one = self.streams.get(stream_id)
-            targets = [one] if one is not None else []
-        for s in targets:
-            if s.out or s.trailers is not None:
-                self._dirty[s.id] = s
-        if self._dirty:
-            self._schedule()
-
-    def _write_out(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
     async def drained(self, s: _Stream) -> None:
         """Wait until the stream's buffer went out and the transport accepts more."""
@@ -565,9 +495,9 @@ class _Connection(asyncio.Protocol):
                 self._drain.append(fut)
                 await fut
             else:
-                s.window_waiter = self._loop.create_future()
-                await s.window_waiter
-                s.window_waiter = None
+                s.drain_waiter = self._loop.create_future()
+                await s.drain_waiter
+                s.drain_waiter = None
         if s.cancelled:
             raise asyncio.CancelledError
 
@@ -577,17 +507,23 @@ class _Connection(asyncio.Protocol):
             if not fut.done():
                 fut.set_result(None)
 
-    def goaway(self) -> None:
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection()
-        self._write_out()
-
 
 def _parse_timeout(value: bytes) -> float | None:
     try:
         return int(value[:-1]) * _TIMEOUT_UNITS[value[-1:]]
     except (KeyError, ValueError):
         return None
+
+
+def _rpc(handler: Handler) -> Rpc:
+    h: Any = handler
+    if h.unary_unary is not None:
+        return (_UNARY_UNARY, h.unary_unary, h.request_deserializer, h.response_serializer)
+    if h.unary_stream is not None:
+        return (_UNARY_STREAM, h.unary_stream, h.request_deserializer, h.response_serializer)
+    if h.stream_unary is not None:
+        return (_STREAM_UNARY, h.stream_unary, h.request_deserializer, h.response_serializer)
+    return (_STREAM_STREAM, h.stream_stream, h.request_deserializer, h.response_serializer)
 
 
 class Server:
@@ -603,7 +539,7 @@ class Server:
         self._wrap = wrap
         self.max_receive = max_receive_message_length
         self.max_send = max_send_message_length
-        self._methods: dict[str, Handler] = {}
+        self._methods: dict[str, Rpc] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._listeners: list[tuple[str, ssl.SSLContext | None]] = []
         self._servers: list[asyncio.Server] = []
@@ -619,19 +555,19 @@ class Server:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
         for name, handler in handlers.items():
             method = f"/{service}/{name}"
-            self._methods[method] = self._wrap(handler, method) if self._wrap else handler
+            self._methods[method] = _rpc(self._wrap(handler, method) if self._wrap else handler)
 
-    def lookup(self, method: str) -> Handler | None:
-        handler = self._methods.get(method)
-        if handler is not None:
-            return handler
+    def lookup(self, method: str) -> Rpc | None:
+        rpc = self._methods.get(method)
+        if rpc is not None:
+            return rpc
         details = _CallDetails(method)
         for g in self._generic:
             found = g.service(details)  # type: ignore[arg-type]
             if found is not None:
-                wrapped = self._wrap(found, method) if self._wrap else found
-                self._methods[method] = wrapped
-                return wrapped
+                rpc = _rpc(self._wrap(found, method) if self._wrap else found)
+                self._methods[method] = rpc
+                return rpc
         return None
 
     def add_insecure_port(self, address: str) -> int:
@@ -665,6 +601,12 @@ class Server:
             self._servers.append(srv)
 
     async def stop(self, grace: float | None) -> None:
+        """GOAWAY, let calls finish for ``grace`` seconds, then drop the rest.
+
+        Calls still running at the end are cut off with their connection, so clients see
+        UNAVAILABLE, as with Go gRPC's ``Server.Stop``; a CANCELLED status would read as
+        "the client gave up" (moby, for one, then stops resubscribing to events).
+        """
         for srv in self._servers:
             srv.close()
         for conn in list(self._connections):
@@ -672,13 +614,14 @@ class Server:
         tasks = [t for t in self._tasks if not t.done()]
         if tasks and grace:
             await asyncio.wait(tasks, timeout=grace)
+        for conn in list(self._connections):
+            conn.flush()  # what finished in time still goes out
+            if conn.transport is not None:
+                conn.transport.close()
         for t in self._tasks:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for conn in list(self._connections):
-            if conn.transport is not None:
-                conn.transport.close()
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
@@ -689,24 +632,31 @@ class Server:
 
     # -- running one RPC -------------------------------------------------------------
 
-    async def _run(self, s: _Stream, handler: Handler, timeout_s: float | None) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        timer = None
-        if timeout_s is not None:
-            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, s)
+    async def _run(self, s: _Stream, request: bytes | None) -> None:
+        assert s.rpc is not None
+        kind, behavior, des, ser = s.rpc
+        ctx = s.context
         try:
-            await self._call(s, handler)
-            code = s.context._code or grpc.StatusCode.OK
-            s.finish(code, s.context._details)
+            if kind <= _UNARY_STREAM:
+                try:
+                    req = request if des is None else des(request)  # type: ignore[arg-type]
+                except Exception as exc:
+                    raise _Abort(grpc.StatusCode.INTERNAL, f"cannot parse request: {exc}") from exc
+            else:
+                req = self._requests(s, des)
+            if kind in (_UNARY_UNARY, _STREAM_UNARY):
+                response = await behavior(req, ctx)
+                if response is not None and not s.finished:
+                    s.queue(ser(response) if ser is not None else response)
+            else:
+                await self._drain_responses(s, behavior(req, ctx), ser)
+            s.finish(ctx._code or _OK, ctx._details)
         except grpc.aio.AbortError:
-            s.finish(s.context._code or grpc.StatusCode.UNKNOWN, s.context._details)
+            s.finish(ctx._code or grpc.StatusCode.UNKNOWN, ctx._details)
         except _Abort as exc:
-            s.out.clear()
-            s.finish(exc.code, exc.details)
+            s.conn._fail(s, exc.code, exc.details)
         except asyncio.CancelledError:
-            if s.deadline is not None and time.monotonic() >= s.deadline:
+            if s.expired:
                 s.finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             else:
                 s.finish(grpc.StatusCode.CANCELLED, "Cancelled")
@@ -714,13 +664,8 @@ class Server:
             log.exception("unhandled error in %s", s.method)
             s.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
         finally:
-            if timer is not None:
-                timer.cancel()
-            self._tasks.discard(task)
-
-    def _expire(self, s: _Stream) -> None:
-        if s.task is not None and not s.task.done():
-            s.task.cancel()
+            if s.task is not None:
+                self._tasks.discard(s.task)
 
     async def _requests(
         self, s: _Stream, deserializer: Callable[[bytes], Any] | None
@@ -730,41 +675,6 @@ class Server:
             if raw is None:
                 return
             yield deserializer(raw) if deserializer is not None else raw
-
-    async def _one_request(self, s: _Stream, deserializer: Callable[[bytes], Any] | None) -> Any:
-        raw = await s.next_message()
-        if raw is None:
-            raise _Abort(grpc.StatusCode.INTERNAL, "expected one request message, got none")
-        extra = await s.next_message()
-        if extra is not None:
-            raise _Abort(grpc.StatusCode.INTERNAL, "expected one request message, got more")
-        try:
-            return deserializer(raw) if deserializer is not None else raw
-        except Exception as exc:
-            raise _Abort(grpc.StatusCode.INTERNAL, f"cannot parse request: {exc}") from exc
-
-    async def _call(self, s: _Stream, handler: Handler) -> None:
-        # The stubs type behaviours for grpc's own contexts; ours is duck-compatible.
-        h: Any = handler
-        ctx = s.context
-        des = h.request_deserializer
-        ser = h.response_serializer
-        if h.unary_unary is not None:
-            response = await h.unary_unary(await self._one_request(s, des), ctx)
-            if response is not None and not s.finished:
-                s.queue(ser(response) if ser is not None else response)
-        elif h.unary_stream is not None:
-            gen = h.unary_stream(await self._one_request(s, des), ctx)
-            await self._drain_responses(s, gen, ser)
-        elif h.stream_unary is not None:
-            response = await h.stream_unary(self._requests(s, des), ctx)
-            if response is not None and not s.finished:
-                s.queue(ser(response) if ser is not None else response)
-        elif h.stream_stream is not None:
-            gen = h.stream_stream(self._requests(s, des), ctx)
-            await self._drain_responses(s, gen, ser)
-        else:
-            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"method {s.method} has no behaviour")
 
     async def _drain_responses(
         self, s: _Stream, gen: Any, ser: Callable[[Any], bytes] | None
