@@ -125,7 +125,8 @@ def collect(conn: sqlite3.Connection, now: int) -> Collected:
         if GC_ROOT in lab:
             mark(("snapshot", ns, sn, key))
     for (ns, ref), (exp, _) in ingests.items():
-        if exp == 0 or exp > now:
+        # An ingest with no expiry lives only through its lease (as in containerd).
+        if exp and exp > now:
             mark(("ingest", ns, "", ref))
 
     while queue:
