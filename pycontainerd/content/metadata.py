@@ -28,6 +28,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from pycontainerd import filters, labels, namespaces
@@ -142,6 +143,11 @@ def _close_abandoned(fut: asyncio.Future[LocalWriter]) -> None:
     asyncio.get_running_loop().run_in_executor(None, fut.result().close)
 
 
+# Blobs up to SMALL_BLOB bytes are cached in memory, SMALL_CACHE_BYTES in all.
+SMALL_BLOB = 256 << 10
+SMALL_CACHE_BYTES = 32 << 20
+
+
 class NamespacedContentStore:
     """The content store as services see it: namespaced, leased, publishing events."""
 
@@ -149,6 +155,8 @@ class NamespacedContentStore:
         self, backend: LocalStore, db: MetadataDB, publisher: Publisher | None = None
     ) -> None:
         self.backend = backend
+        self._small: OrderedDict[str, bytes] = OrderedDict()
+        self._small_bytes = 0
         self.db = db
         self.publisher = publisher
         self._gate = _Gate()
@@ -276,6 +284,26 @@ class NamespacedContentStore:
         """Open a blob this namespace can see; the caller closes it. NotFound otherwise."""
         await self.info(digest)
         return await asyncio.to_thread(self.backend.open_reader, digest)
+
+    async def read_small(self, digest: str, size: int) -> bytes:
+        """A small blob's bytes, from memory when read before (blobs never change).
+
+        The caller has checked visibility (``info``). Manifests, configs and indexes are
+        read again and again by clients (ctr reads each one several times per ``run``):
+        serving them from memory saves the thread hops of opening and reading the file.
+        """
+        data = self._small.get(digest)
+        if data is not None:
+            self._small.move_to_end(digest)
+            return data
+        data = await asyncio.to_thread(self.backend.read_all, digest)
+        if len(data) == size:
+            self._small[digest] = data
+            self._small_bytes += len(data)
+            while self._small_bytes > SMALL_CACHE_BYTES:
+                _, old = self._small.popitem(last=False)
+                self._small_bytes -= len(old)
+        return data
 
     async def read_all(self, digest: str) -> bytes:
         """A whole (small) blob this namespace can see."""

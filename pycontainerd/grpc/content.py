@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from pycontainerd.api.services.content.v1 import content_pb2, content_pb2_grpc
+from pycontainerd.content.metadata import SMALL_BLOB
 from pycontainerd.content.store import Info, read_section
 from pycontainerd.errdefs import AlreadyExists, InvalidArgument, NotFound
 
@@ -112,6 +113,15 @@ class ContentService(content_pb2_grpc.ContentServicer):
     async def Read(
         self, request: content_pb2.ReadContentRequest, context: Context
     ) -> AsyncIterator[content_pb2.ReadContentResponse]:
+        info = await self.store.info(request.digest)
+        if info.size <= SMALL_BLOB:
+            blob = await self.store.read_small(request.digest, info.size)
+            start, length = read_section(len(blob), request.offset, request.size)
+            if length:
+                yield content_pb2.ReadContentResponse(
+                    offset=start, data=blob[start : start + length]
+                )
+            return
         reader = await self.store.open_reader(request.digest)
         try:
             start, length = read_section(reader.size, request.offset, request.size)
