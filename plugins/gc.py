@@ -30,6 +30,9 @@ class GCConfig:
     schedule_delay: float = 0.1
     # Run one collection this many seconds after start-up (negative: never).
     startup_delay: float = 0.1
+    # Share of wall time collections may take: after one of d seconds, the next scheduled
+    # one waits at least d / pause_threshold (0: no limit). Synchronous deletes never wait.
+    pause_threshold: float = 0.02
 
 
 async def _init(ic: InitContext) -> GarbageCollector:
@@ -43,7 +46,9 @@ async def _init(ic: InitContext) -> GarbageCollector:
     except PycdError as exc:
         log.warning("garbage collection will not cover snapshots: %s", exc)
         snapshots = None
-    gc = GarbageCollector(db, content, snapshots, delay=cfg.schedule_delay)
+    gc = GarbageCollector(
+        db, content, snapshots, delay=cfg.schedule_delay, pause_threshold=cfg.pause_threshold
+    )
     try:
         ic.get_by_id(PluginType.SERVICE, "images-service", ImageService).set_gc(gc.hook)
         ic.get_by_id(PluginType.SERVICE, "leases-service", LeaseService).set_gc(gc.hook)

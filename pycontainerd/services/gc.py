@@ -36,11 +36,17 @@ class GarbageCollector:
         snapshots: SnapshotService | None,
         *,
         delay: float = 0.1,
+        pause_threshold: float = 0.02,
     ) -> None:
         self._db = db
         self._content = content
         self._snapshots = snapshots
         self._delay = delay
+        # Collections may take at most this share of wall time (containerd's
+        # pause_threshold): after one that took d seconds, the next waits d / threshold.
+        self._pause_threshold = pause_threshold
+        self._last_duration = 0.0
+        self._last_end = 0.0
         self._lock = asyncio.Lock()
         self._pending: asyncio.Task[None] | None = None
         self.runs = 0
@@ -54,10 +60,14 @@ class GarbageCollector:
 
     def schedule(self) -> None:
         if self._pending is None or self._pending.done():
-            self._pending = asyncio.get_running_loop().create_task(self._later(), name="gc")
+            wait = self._delay
+            if self._pause_threshold > 0 and self._last_duration:
+                since = time.monotonic() - self._last_end
+                wait = max(wait, self._last_duration / self._pause_threshold - since)
+            self._pending = asyncio.get_running_loop().create_task(self._later(wait), name="gc")
 
-    async def _later(self) -> None:
-        await asyncio.sleep(self._delay)
+    async def _later(self, wait: float) -> None:
+        await asyncio.sleep(wait)
         try:
             await self.collect_now()
         except Exception:
@@ -68,6 +78,8 @@ class GarbageCollector:
             started = time.perf_counter()
             collected = await self._collect()
             self.runs += 1
+            self._last_duration = time.perf_counter() - started
+            self._last_end = time.monotonic()
             if not collected.empty:
                 log.info(
                     "garbage collected %d blob(s), %d snapshot(s), %d ingest(s), %d lease(s)"

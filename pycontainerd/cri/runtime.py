@@ -1,0 +1,360 @@
+"""The CRI plugin's core: its connection to the daemon, pod and container state, exits.
+
+``CRIRuntime`` talks to the daemon it lives in through the SDK (``pycontainerd.client``)
+on the daemon's own socket, in namespace ``k8s.io``, and wires pods with a
+``NetworkManager``. Task exits arrive from the daemon's event exchange, subscribed
+in-process at init (so none is missed while the server comes up); the handler records a
+container's exit (code, time, reason ``Completed``/``Error``/``OOMKilled``) and deletes its
+task, or marks a sandbox not ready. ``start()`` recovers the state from the container
+records and live tasks once the server answers (see ``store``) and reclaims network
+namespaces and IPs no known pod owns; requests wait for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pycontainerd import typeurl
+from pycontainerd.api.events import task_pb2 as events_task_pb2
+from pycontainerd.api.services.containers.v1 import containers_pb2
+from pycontainerd.api.services.tasks.v1 import tasks_pb2
+from pycontainerd.api.types.task import task_pb2
+from pycontainerd.client import Client
+from pycontainerd.cri.images import ImageCatalog
+from pycontainerd.cri.spec import OomPolicy
+from pycontainerd.cri.store import (
+    CONTAINER_KIND,
+    EXT_KEY,
+    KIND_LABEL,
+    SANDBOX_KIND,
+    ContainerMeta,
+    ContainerStatus,
+    NameIndex,
+    SandboxMeta,
+    StatusStore,
+)
+from pycontainerd.errdefs import NotFound, PycdError, Unavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+    from pathlib import Path
+
+    from pycontainerd.cri.options import CRIConfig
+    from pycontainerd.events.exchange import Exchange
+    from pycontainerd.network import NetworkManager
+
+__all__ = ["CRIContainer", "CRIRuntime", "Sandbox"]
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "k8s.io"
+UNKNOWN_EXIT_CODE = 255
+
+
+@dataclass(slots=True)
+class Sandbox:
+    meta: SandboxMeta
+    pid: int = 0
+    ready: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(slots=True)
+class CRIContainer:
+    meta: ContainerMeta
+    status: ContainerStatus
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class CRIRuntime:
+    def __init__(
+        self,
+        cfg: CRIConfig,
+        *,
+        address: str,
+        root: Path,
+        state: Path,
+        exchange: Exchange,
+        network: NetworkManager,
+    ) -> None:
+        self.cfg = cfg
+        self.client = Client(address, NAMESPACE)
+        self.root = root
+        self.state = state
+        self.network = network
+        self.statuses = StatusStore(root / "containers")
+        self.sandbox_dirs = state / "sandboxes"
+        self.names = NameIndex()
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.containers: dict[str, CRIContainer] = {}
+        self.images = ImageCatalog(self.client, cfg.snapshotter, cfg.insecure_registries)
+        self.oom = OomPolicy.probe(cfg.restrict_oom_score_adj)
+        self._exchange = exchange
+        self._ready = asyncio.Event()
+        self._failed: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log_writers: set[asyncio.subprocess.Process] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Subscribe to task events now; recover once the daemon's server answers."""
+        sub = self._exchange.subscribe(['topic=="/tasks/exit"', 'topic=="/tasks/oom"'])
+        self.spawn(self._run(sub))
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, sub: object) -> None:
+        from pycontainerd.events.exchange import Subscription
+
+        assert isinstance(sub, Subscription)
+        try:
+            await self.client.wait_ready(within=120)
+            await self.recover()
+        except Exception as exc:
+            log.exception("CRI state recovery failed")
+            self._failed = exc
+            sub.close()
+            return
+        finally:
+            self._ready.set()
+        while True:
+            try:
+                async for env in sub:
+                    if env.namespace == NAMESPACE:
+                        await self._on_event(env.topic, env.event)
+                return
+            except PycdError as exc:
+                # Cut off for falling behind: resubscribe and look at every task again.
+                log.warning("CRI event subscription lost (%s); resubscribing", exc)
+                sub = self._exchange.subscribe(['topic=="/tasks/exit"', 'topic=="/tasks/oom"'])
+                await self.reconcile()
+
+    async def ready(self) -> None:
+        await self._ready.wait()
+        if self._failed is not None:
+            raise Unavailable(f"CRI plugin failed to recover its state: {self._failed}")
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+    # ------------------------------------------------------------------ lookups
+
+    def sandbox(self, id_: str) -> Sandbox:
+        return self._lookup(self.sandboxes, id_, "sandbox")
+
+    def container(self, id_: str) -> CRIContainer:
+        return self._lookup(self.containers, id_, "container")
+
+    @staticmethod
+    def _lookup(table: dict[str, T], id_: str, what: str) -> T:
+        """By id or a unique id prefix, as containerd's truncindex does."""
+        if not id_:
+            raise NotFound(f"{what} id is empty")
+        hit = table.get(id_)
+        if hit is not None:
+            return hit
+        matches = [v for k, v in table.items() if k.startswith(id_)]
+        if len(matches) == 1:
+            return matches[0]
+        raise NotFound(f"{what} {id_!r}")
+
+    # ------------------------------------------------------------------ exits
+
+    async def _on_event(self, topic: str, any_msg: object) -> None:
+        try:
+            msg = typeurl.unpack(any_msg)  # type: ignore[arg-type]
+        except PycdError:
+            return
+        if isinstance(msg, events_task_pb2.TaskOOM):
+            c = self.containers.get(msg.container_id)
+            if c is not None:
+                c.status.oom = True
+            return
+        if isinstance(msg, events_task_pb2.TaskExit) and msg.id == msg.container_id:
+            at = msg.exited_at.seconds * 1_000_000_000 + msg.exited_at.nanos
+            await self.handle_exit(msg.container_id, msg.exit_status, at or now_ns())
+
+    async def handle_exit(self, id_: str, code: int, at: int) -> None:
+        """Record the exit of a container's or sandbox's init process; delete its task."""
+        c = self.containers.get(id_)
+        if c is not None:
+            async with c.lock:
+                await self.finish(c, code, at)
+            return
+        sb = self.sandboxes.get(id_)
+        if sb is not None:
+            async with sb.lock:
+                sb.ready = False
+                await self.delete_task(id_)
+
+    async def finish(self, c: CRIContainer, code: int, at: int, reason: str = "") -> None:
+        """Mark ``c`` exited (caller holds ``c.lock``); idempotent."""
+        st = c.status
+        if st.finished_at:
+            return
+        st.finished_at = at
+        st.exit_code = code
+        st.reason = reason or ("OOMKilled" if st.oom else "Completed" if code == 0 else "Error")
+        await self.delete_task(c.meta.id)
+        await asyncio.to_thread(self.statuses.save, c.meta.id, st)
+        c.exited.set()
+
+    async def delete_task(self, id_: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.client.call(
+                self.client.tasks_stub.Delete, tasks_pb2.DeleteTaskRequest(container_id=id_)
+            )
+
+    # ------------------------------------------------------------------ recovery
+
+    async def _tasks_by_id(self) -> dict[str, task_pb2.Process]:
+        resp = await self.client.call(self.client.tasks_stub.List, tasks_pb2.ListTasksRequest())
+        return {t.id: t for t in resp.tasks}
+
+    async def recover(self) -> None:
+        resp = await self.client.call(
+            self.client.containers_stub.List, containers_pb2.ListContainersRequest()
+        )
+        for rec in resp.containers:
+            kind = rec.labels.get(KIND_LABEL)
+            ext = rec.extensions.get(EXT_KEY)
+            if kind not in (SANDBOX_KIND, CONTAINER_KIND) or ext is None:
+                continue
+            try:
+                if kind == SANDBOX_KIND:
+                    meta = SandboxMeta.from_json(ext.value)
+                    self.sandboxes[meta.id] = Sandbox(meta)
+                    self.names.reserve(meta.name, meta.id)
+                else:
+                    cmeta = ContainerMeta.from_json(ext.value)
+                    status = await asyncio.to_thread(self.statuses.load, cmeta.id)
+                    self.containers[cmeta.id] = CRIContainer(cmeta, status)
+                    self.names.reserve(cmeta.name, cmeta.id)
+            except (PycdError, TypeError, KeyError) as exc:
+                log.warning("CRI record %s is unreadable, ignored: %s", rec.id, exc)
+        await self.reconcile()
+        report = await self.network.reclaim(self._live_sandboxes)
+        if report.attachments or report.netns or report.leases:
+            log.info("reclaimed leaked pod networking: %s", report)
+        log.info(
+            "CRI state recovered: %d sandboxes, %d containers",
+            len(self.sandboxes),
+            len(self.containers),
+        )
+
+    async def _live_sandboxes(self) -> list[str]:
+        return list(self.sandboxes)
+
+    async def reconcile(self) -> None:
+        """Bring every known sandbox and container in line with the live tasks."""
+        tasks = await self._tasks_by_id()
+        for sb in self.sandboxes.values():
+            t = tasks.get(sb.meta.id)
+            async with sb.lock:
+                sb.ready = t is not None and t.status == task_pb2.RUNNING
+                sb.pid = t.pid if t is not None else 0
+                if t is not None and t.status == task_pb2.STOPPED:
+                    await self.delete_task(sb.meta.id)
+        for c in self.containers.values():
+            t = tasks.get(c.meta.id)
+            async with c.lock:
+                st = c.status
+                if st.finished_at:
+                    c.exited.set()
+                    if t is not None:
+                        await self.delete_task(c.meta.id)
+                elif st.started_at:
+                    if t is None:
+                        await self.finish(c, UNKNOWN_EXIT_CODE, now_ns(), "Unknown")
+                    elif t.status == task_pb2.STOPPED:
+                        at = t.exited_at.seconds * 1_000_000_000 + t.exited_at.nanos
+                        await self.finish(c, t.exit_status, at or now_ns())
+                    else:
+                        st.pid = t.pid
+                elif t is not None:
+                    # Died between task create and start: the start never happened.
+                    with contextlib.suppress(PycdError):
+                        await self.client.call(
+                            self.client.tasks_stub.Kill,
+                            tasks_pb2.KillRequest(container_id=c.meta.id, signal=9, all=True),
+                        )
+                    await self.delete_task(c.meta.id)
+
+    # ------------------------------------------------------------------ log writers
+
+    async def start_log_writer(self, c: CRIContainer, stdout: str, stderr: str) -> int:
+        """Spawn the detached log writer for ``c``'s FIFOs; its pid.
+
+        The read ends are opened here, before the task exists, and inherited: the shim's
+        writer can then come and go at any time without output being lost.
+        """
+        fds = await asyncio.to_thread(_open_readers, [p for p in (stdout, stderr) if p])
+        try:
+            args = [
+                sys.executable, "-m", "pycontainerd.cri.logwriter", c.meta.log_path,
+                str(self.cfg.max_container_log_line_size), *(str(fd) for fd in fds),
+            ]  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._log_writers.add(proc)
+        self.spawn(self._reap(proc))
+        return proc.pid
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        try:
+            await proc.wait()
+        finally:
+            self._log_writers.discard(proc)
+
+    @staticmethod
+    def signal_pid(pid: int, sig: int = signal.SIGUSR1) -> bool:
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _open_readers(paths: list[str]) -> list[int]:
+    fds: list[int] = []
+    try:
+        for p in paths:
+            fds.append(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
