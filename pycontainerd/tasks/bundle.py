@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pycontainerd import identifiers
 from pycontainerd.errdefs import AlreadyExists, InvalidArgument
+from pycontainerd.snapshots.mount import unmount_all
 
 CONFIG = "config.json"
 
@@ -41,7 +42,9 @@ class Bundle:
         os.replace(tmp, self.path / name)
 
     def delete(self) -> None:
-        """Remove the bundle and its work dir (the rootfs must be unmounted already)."""
+        """Unmount the rootfs if a shim left it mounted, then remove the bundle and work dir."""
+        with contextlib.suppress(OSError):
+            unmount_all(self.rootfs)
         with contextlib.suppress(OSError):
             self.rootfs.rmdir()
         shutil.rmtree(self.path, ignore_errors=True)

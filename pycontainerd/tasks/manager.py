@@ -129,7 +129,13 @@ class TaskManager:
         request: shim_pb2.CreateTaskRequest,
     ) -> tuple[Task, int]:
         starter = self._starters.get(runtime)
-        binary = "" if starter is not None else find_binary(runtime, self._runtimes)
+        # Even a shim started in-process needs its binary: ``delete`` cleans up after it.
+        try:
+            binary = find_binary(runtime, self._runtimes)
+        except PycdError:
+            if starter is None:
+                raise
+            binary = ""
         b = await asyncio.to_thread(bundlemod.create, self.root, self.state, ns, id_, spec)
         shim: Shim | None = None
         shimlog: ShimLog | None = None
@@ -137,7 +143,6 @@ class TaskManager:
             shimlog = ShimLog(b.path / "log", f"{ns}/{id_}")
             if starter is not None:
                 address = await starter(b, runtime, options)
-                binary = runtime
             else:
                 address = await run_start(
                     binary, b, self._grpc, self._ttrpc, self._publish_binary, options
