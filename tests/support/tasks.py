@@ -1,6 +1,8 @@
 """Helpers for end-to-end task tests: runtimes to parametrize over, an imported busybox
-image, a pty driver for ``ctr run -t``, a ``ctr events`` watcher, and probes of what a
-task leaves behind on the host (bundle dirs, mounts, shim processes).
+image, a pty driver for ``ctr run -t``, a ``ctr events`` watcher, probes of what a task
+leaves behind on the host (bundle dirs, mounts, shim processes), and a per-test namespace
+whose leftovers are force-removed (tasks outlive the daemon, so a failed test would leak
+running containers otherwise).
 
 The runtimes are containerd's own shim (``io.containerd.runc.v2``) and ours
 (``io.containerd.pyrunc.v1``); each is skipped with a reason when it is not installed,
@@ -55,6 +57,7 @@ __all__ = [
     "force_cleanup",
     "import_busybox",
     "mounts_under",
+    "parse_event_line",
     "pid_alive",
     "ppid_of",
     "run_in_pty",
@@ -63,6 +66,7 @@ __all__ = [
     "task_rows",
     "unique_ns",
     "wait_until",
+    "watching",
 ]
 
 RUNC_V2 = "io.containerd.runc.v2"
