@@ -82,10 +82,13 @@ PYRUNC = "io.containerd.pyrunc.v1"
 def _starters(ic: InitContext) -> dict[str, ShimStarter]:
     """In-process starters: our own shim is forked from a preloaded zygote, not exec'd."""
     try:
-        from pycontainerd.shim import launcher
+        from pycontainerd.shim import address, launcher
     except ImportError as exc:  # pragma: no cover - the shim ships with the daemon
         log.warning("our shim cannot be started in-process: %s", exc)
         return {}
+    # A zygote left by an earlier daemon may run older code: removing its socket makes it
+    # exit (running shims are separate processes and stay); a fresh one starts on first use.
+    _retire_zygote(address.zygote_path(ic.address))
 
     async def start_pyrunc(b: Bundle, runtime: str, options: bytes) -> str:
         return await launcher.start_shim(
@@ -95,10 +98,30 @@ def _starters(ic: InitContext) -> dict[str, ShimStarter]:
     return {PYRUNC: start_pyrunc}
 
 
+def _retire_zygote(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot retire shim zygote %s: %s", path, exc)
+
+
+class _Runtime(TaskManager):
+    """The task manager, retiring our shim's zygote when the daemon stops."""
+
+    zygote = ""
+
+    async def close(self) -> None:
+        await super().close()
+        if self.zygote:
+            _retire_zygote(self.zygote)
+
+
 async def _init_runtime(ic: InitContext) -> TaskManager:
     cfg: RuntimeConfig = ic.config
     ic.platforms.append("linux/amd64")
-    return TaskManager(
+    manager = _Runtime(
         ic.root,
         ic.state,
         grpc_address=ic.address,
@@ -108,6 +131,12 @@ async def _init_runtime(ic: InitContext) -> TaskManager:
         runtimes=cfg.runtimes,
         starters={} if PYRUNC in cfg.runtimes else _starters(ic),
     )
+    try:
+        from pycontainerd.shim import address
+    except ImportError:  # pragma: no cover - the shim ships with the daemon
+        return manager
+    manager.zygote = address.zygote_path(ic.address)
+    return manager
 
 
 async def _init_service(ic: InitContext) -> TasksService:
