@@ -4,13 +4,6 @@ Layout: ``options`` (the plugin config), ``store`` (what is persisted and where)
 ``spec`` (OCI specs for sandboxes and containers), ``runtime`` (connection, state, exits,
 recovery), ``sandbox`` / ``container`` / ``images`` (the operations), ``logwriter`` (the
 detached per-container CRI log writer) and ``servicer`` (the gRPC services). The plugin
-registration is ``pycontainerd.plugins.cri``.
+registration is ``pycontainerd.plugins.cri``. Nothing is imported here: the daemon loads
+the implementation after it starts serving.
 """
-
-from __future__ import annotations
-
-from pycontainerd.cri.options import CRIConfig
-from pycontainerd.cri.runtime import CRIRuntime
-from pycontainerd.cri.servicer import CRIService
-
-__all__ = ["CRIConfig", "CRIRuntime", "CRIService"]

@@ -22,8 +22,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pyroute2 import netns as pr_netns
-
 from pycontainerd import identifiers
 from pycontainerd.errdefs import AlreadyExists, InvalidArgument, NotFound, PycdError
 
@@ -49,7 +47,7 @@ T = TypeVar("T")
 
 
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def _netns_file_kind(path: Path) -> str | None:
@@ -122,6 +120,8 @@ class NetnsStore:
             # pyroute2 forks a child that unshares CLONE_NEWNET and bind-mounts its
             # /proc/self/ns/net on the path; the directory itself becomes a shared mount
             # point (as iproute2 does) so the bind propagates into other mount namespaces.
+            from pyroute2 import netns as pr_netns  # imported on use: ~120 ms
+
             pr_netns.create(str(path))
         except FileExistsError as exc:
             raise AlreadyExists(f"network namespace {path.name!r}") from exc
@@ -184,6 +184,8 @@ async def run_in_netns(path: str | os.PathLike[str], fn: Callable[[], T]) -> T:
             except FileNotFoundError as exc:
                 raise NotFound(f"network namespace {os.fspath(path)!r}") from exc
             try:
+                from pyroute2 import netns as pr_netns
+
                 pr_netns.setns(fd)
             finally:
                 os.close(fd)

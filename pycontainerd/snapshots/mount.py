@@ -98,7 +98,8 @@ _FLAGS: dict[str, tuple[bool, int]] = {
 
 _PAGESIZE = os.sysconf("SC_PAGESIZE")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Named directly: ctypes.util.find_library runs ldconfig (~40 ms of daemon start-up).
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
