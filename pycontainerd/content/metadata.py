@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -146,6 +147,7 @@ def _close_abandoned(fut: asyncio.Future[LocalWriter]) -> None:
 # Blobs up to SMALL_BLOB bytes are cached in memory, SMALL_CACHE_BYTES in all.
 SMALL_BLOB = 256 << 10
 SMALL_CACHE_BYTES = 32 << 20
+INFO_CACHE_ENTRIES = 8192
 
 
 class NamespacedContentStore:
@@ -157,6 +159,10 @@ class NamespacedContentStore:
         self.backend = backend
         self._small: OrderedDict[str, bytes] = OrderedDict()
         self._small_bytes = 0
+        # (namespace, digest) → Info: every change of a content row goes through this
+        # store or the garbage collector (which calls forget_infos), so entries stay true.
+        # Clients ask Info before every Read; this spares a database hop each time.
+        self._infos: OrderedDict[tuple[str, str], Info] = OrderedDict()
         self.db = db
         self.publisher = publisher
         self._gate = _Gate()
@@ -167,10 +173,24 @@ class NamespacedContentStore:
 
     # --- committed content -----------------------------------------------------------
 
+    def forget_infos(self) -> None:
+        """Drop the cached Info records (after rows changed behind this store's back)."""
+        self._infos.clear()
+
+    def _remember(self, ns: str, info: Info) -> Info:
+        self._infos[(ns, info.digest)] = info
+        if len(self._infos) > INFO_CACHE_ENTRIES:
+            self._infos.popitem(last=False)
+        return dataclasses.replace(info, labels=dict(info.labels))
+
     async def info(self, digest: str) -> Info:
         """The blob as this namespace sees it; InvalidArgument, NotFound."""
         validate_digest(digest)
         ns = namespaces.namespace_required()
+        cached = self._infos.get((ns, digest))
+        if cached is not None:
+            self._infos.move_to_end((ns, digest))
+            return dataclasses.replace(cached, labels=dict(cached.labels))
 
         def _get(conn: sqlite3.Connection) -> Info:
             row = conn.execute(
@@ -182,7 +202,7 @@ class NamespacedContentStore:
                 raise NotFound(f"content digest {digest}")
             return _row_info(digest, row)
 
-        return await self.db.view(_get)
+        return self._remember(ns, await self.db.view(_get))
 
     async def exists(self, digest: str) -> bool:
         try:
@@ -227,7 +247,8 @@ class NamespacedContentStore:
                 labels=new_labels,
             )
 
-        return await self.db.update(_update)
+        self._infos.pop((ns, info.digest), None)
+        return self._remember(ns, await self.db.update(_update))
 
     async def list_content(self, filter_strings: Sequence[str] = ()) -> list[Info]:
         """Blobs of this namespace matching containerd filters (digest, size, labels.<k>)."""
@@ -270,8 +291,11 @@ class NamespacedContentStore:
                 is None
             )
 
+        self._infos.pop((ns, digest), None)
         async with self._gate.exclusive():
             orphan = await self.db.update(_delete)
+            # Again: a read that started before the delete may have cached the old row.
+            self._infos.pop((ns, digest), None)
             if orphan:
                 with contextlib.suppress(NotFound):
                     await asyncio.to_thread(self.backend.delete, digest)
@@ -491,6 +515,7 @@ class NamespacedContentStore:
                 return cur.rowcount == 0
 
             already = await self.db.update(_record)
+            self._infos.pop((ns, dgst), None)
         if already:
             raise AlreadyExists(f"content {dgst}")
         return dgst

@@ -96,6 +96,8 @@ class GarbageCollector:
         backend = self._content.backend
         async with self._content.exclusive():
             collected = await self._db.update(lambda c: gcmeta.collect(c, time.time_ns()))
+            if collected.content:
+                self._content.forget_infos()
             referenced = await self._db.view(gcmeta.referenced_digests)
 
             def _sweep() -> None:
