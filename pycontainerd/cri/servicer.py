@@ -3,18 +3,21 @@
 Thin: each method unpacks the request, calls the sandbox, container or image service and
 packs the answer. Errors are domain errors (NotFound for unknown ids, the name-conflict
 error as UNKNOWN like containerd's), mapped by the daemon's interceptor. Methods not
-served yet (streaming URLs, stats, checkpoints, events, metrics) answer UNIMPLEMENTED,
+served yet (checkpoints, events, metrics descriptors) answer UNIMPLEMENTED,
 which kubelet treats as "feature absent" where it has a fallback.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from pycontainerd.api.cri.runtime.v1 import api_pb2, api_pb2_grpc
 from pycontainerd.cri.container import ContainerService
 from pycontainerd.cri.sandbox import SandboxService
+from pycontainerd.cri.stats import StatsService
+from pycontainerd.cri.streaming import StreamServer
 from pycontainerd.errdefs import NotFound, PycdError, Unimplemented
 
 if TYPE_CHECKING:
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CRIService", "ImageServicer", "RuntimeServicer"]
 
+log = logging.getLogger(__name__)
+
 RUNTIME_NAME = "pycontainerd"
 RUNTIME_VERSION = "0.1.0"
 RUNTIME_API_VERSION = "v1"
@@ -37,10 +42,12 @@ Ctx = Any
 
 
 class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, rt: CRIRuntime) -> None:
+    def __init__(self, rt: CRIRuntime, streams: StreamServer, stats: StatsService) -> None:
         self.rt = rt
         self.sandboxes = SandboxService(rt)
         self.containers = ContainerService(rt)
+        self.streams = streams
+        self.stats = stats
 
     async def Version(
         self, request: api_pb2.VersionRequest, context: Ctx
@@ -135,6 +142,43 @@ class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):
             request.container_id, list(request.cmd), request.timeout
         )
         return api_pb2.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
+
+    async def Exec(self, request: api_pb2.ExecRequest, context: Ctx) -> api_pb2.ExecResponse:
+        return api_pb2.ExecResponse(url=await self.streams.exec_url(request))
+
+    async def Attach(self, request: api_pb2.AttachRequest, context: Ctx) -> api_pb2.AttachResponse:
+        return api_pb2.AttachResponse(url=await self.streams.attach_url(request))
+
+    async def PortForward(
+        self, request: api_pb2.PortForwardRequest, context: Ctx
+    ) -> api_pb2.PortForwardResponse:
+        return api_pb2.PortForwardResponse(url=await self.streams.port_forward_url(request))
+
+    async def ContainerStats(
+        self, request: api_pb2.ContainerStatsRequest, context: Ctx
+    ) -> api_pb2.ContainerStatsResponse:
+        return api_pb2.ContainerStatsResponse(
+            stats=await self.stats.container(request.container_id)
+        )
+
+    async def ListContainerStats(
+        self, request: api_pb2.ListContainerStatsRequest, context: Ctx
+    ) -> api_pb2.ListContainerStatsResponse:
+        f = request.filter if request.HasField("filter") else None
+        return api_pb2.ListContainerStatsResponse(stats=await self.stats.list_containers(f))
+
+    async def PodSandboxStats(
+        self, request: api_pb2.PodSandboxStatsRequest, context: Ctx
+    ) -> api_pb2.PodSandboxStatsResponse:
+        return api_pb2.PodSandboxStatsResponse(
+            stats=await self.stats.sandbox(request.pod_sandbox_id)
+        )
+
+    async def ListPodSandboxStats(
+        self, request: api_pb2.ListPodSandboxStatsRequest, context: Ctx
+    ) -> api_pb2.ListPodSandboxStatsResponse:
+        f = request.filter if request.HasField("filter") else None
+        return api_pb2.ListPodSandboxStatsResponse(stats=await self.stats.list_sandboxes(f))
 
     async def UpdateRuntimeConfig(
         self, request: api_pb2.UpdateRuntimeConfigRequest, context: Ctx
@@ -276,14 +320,26 @@ class CRIService:
 
     def __init__(self, rt: CRIRuntime, snapshotter_root: Path) -> None:
         self.rt = rt
+        cfg = rt.cfg
+        self.streams = StreamServer(rt, cfg.stream_server_address, int(cfg.stream_server_port or 0))
+        # Listen now, so a bad address shows in the log at start-up; URL requests retry.
+        rt.spawn(self._start_streams())
+        self.stats = StatsService(rt, snapshotter_root)
         # The generated bases mark every method abstract; _unimplemented() filled in the
         # ones not served, which mypy cannot see.
-        self.runtime = RuntimeServicer(rt)  # type: ignore[abstract]
+        self.runtime = RuntimeServicer(rt, self.streams, self.stats)  # type: ignore[abstract]
         self.images = ImageServicer(rt, snapshotter_root)  # type: ignore[abstract]
 
     def register(self, server: grpc.aio.Server) -> None:
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(self.runtime, server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(self.images, server)
 
+    async def _start_streams(self) -> None:
+        try:
+            await self.streams.start()
+        except OSError as exc:
+            log.error("CRI streaming server cannot listen: %s", exc)
+
     async def close(self) -> None:
+        await self.streams.close()
         await self.rt.close()
