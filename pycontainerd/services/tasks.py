@@ -7,6 +7,7 @@ process is answered by its shim; task events are published by the shims themselv
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -135,16 +136,19 @@ class TasksService:
 
     async def list_tasks(self) -> list[task_pb2.Process]:
         ns = namespace_required()
-        out = []
-        for t in self.manager.in_namespace(ns):
+
+        async def one(t: Task) -> task_pb2.Process | None:
             try:
                 st = await t.shim.call(
                     "State", shim_pb2.StateRequest(id=t.id), shim_pb2.StateResponse
                 )
             except NotFound:
-                continue
-            out.append(process_of(t.id, st))
-        return out
+                return None
+            return process_of(t.id, st)
+
+        # Every shim is asked at once: a listing costs one round trip, not one per task.
+        found = await asyncio.gather(*(one(t) for t in self.manager.in_namespace(ns)))
+        return [p for p in found if p is not None]
 
     async def kill(self, container_id: str, exec_id: str, signal: int, all_: bool) -> None:
         t = self._task(container_id)
@@ -227,17 +231,20 @@ class TasksService:
     async def metrics(self, filter_strings: Sequence[str]) -> list[metrics_pb2.Metric]:
         ns = namespace_required()
         flt = filters.parse(list(filter_strings))
-        out = []
-        for t in self.manager.in_namespace(ns):
-            if not flt.match(filters.field_adaptor({"id": t.id, "runtime": t.runtime})):
-                continue
+
+        async def one(t: Task) -> metrics_pb2.Metric | None:
             try:
                 resp = await t.shim.call(
                     "Stats", shim_pb2.StatsRequest(id=t.id), shim_pb2.StatsResponse
                 )
             except NotFound:
-                continue
-            out.append(
-                metrics_pb2.Metric(timestamp=timestamp(time.time_ns()), id=t.id, data=resp.stats)
-            )
-        return out
+                return None
+            return metrics_pb2.Metric(timestamp=timestamp(time.time_ns()), id=t.id, data=resp.stats)
+
+        chosen = [
+            t
+            for t in self.manager.in_namespace(ns)
+            if flt.match(filters.field_adaptor({"id": t.id, "runtime": t.runtime}))
+        ]
+        found = await asyncio.gather(*(one(t) for t in chosen))
+        return [m for m in found if m is not None]
