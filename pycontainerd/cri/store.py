@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -58,6 +59,18 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+# Parsed configs, by their serialized bytes: List calls read every container's config and
+# parsing dominated them. Callers treat the messages as read-only.
+@functools.lru_cache(maxsize=4096)
+def _sandbox_config(data: bytes) -> api_pb2.PodSandboxConfig:
+    return api_pb2.PodSandboxConfig.FromString(data)
+
+
+@functools.lru_cache(maxsize=4096)
+def _container_config(data: bytes) -> api_pb2.ContainerConfig:
+    return api_pb2.ContainerConfig.FromString(data)
+
+
 @dataclass(slots=True)
 class SandboxMeta:
     id: str
@@ -70,7 +83,7 @@ class SandboxMeta:
     runtime_handler: str = ""
 
     def config_pb(self) -> api_pb2.PodSandboxConfig:
-        return api_pb2.PodSandboxConfig.FromString(self.config)
+        return _sandbox_config(self.config)
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -98,7 +111,7 @@ class ContainerMeta:
     stop_signal: str = "SIGTERM"
 
     def config_pb(self) -> api_pb2.ContainerConfig:
-        return api_pb2.ContainerConfig.FromString(self.config)
+        return _container_config(self.config)
 
     def to_json(self) -> bytes:
         doc = asdict(self)
