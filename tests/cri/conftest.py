@@ -63,7 +63,8 @@ def cri_daemon() -> Iterator[Daemon]:
         pytest.skip(reason)
     assert runtime is not None
     pid = os.getpid()
-    bridge = f"pcdc{pid % 10_000_000}"
+    # Not the CLI tests' "pcdc<pid>": both suites run in one pytest process in CI.
+    bridge = f"pcdk{pid % 10_000_000}"
     subnet = _pick_subnet(pid + 17)
     forward_before = IP_FORWARD.read_text().strip()
     chains_before = {c for c in SHARED_CHAINS if f"-N {c}" in _nat_rules()}
