@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import empty_pb2
 
@@ -79,23 +79,16 @@ async def _init_events(ic: InitContext) -> EventsReceiver:
 PYRUNC = "io.containerd.pyrunc.v1"
 
 
-def _starters(ic: InitContext) -> dict[str, ShimStarter]:
-    """In-process starters: our own shim is forked from a preloaded zygote, not exec'd."""
-    try:
-        from pycontainerd.shim import address, launcher
-    except ImportError as exc:  # pragma: no cover - the shim ships with the daemon
-        log.warning("our shim cannot be started in-process: %s", exc)
-        return {}
-    # A zygote left by an earlier daemon may run older code: removing its socket makes it
-    # exit (running shims are separate processes and stay); a fresh one starts on first use.
-    _retire_zygote(address.zygote_path(ic.address))
+def _pyrunc_starter(ic: InitContext) -> ShimStarter:
+    """Our own shim is forked from a preloaded zygote in-process, not exec'd."""
+    from pycontainerd.shim import launcher
 
     async def start_pyrunc(b: Bundle, runtime: str, options: bytes) -> str:
         return await launcher.start_shim(
             b.namespace, b.id, str(b.path), ic.address, ic.ttrpc_address, options
         )
 
-    return {PYRUNC: start_pyrunc}
+    return start_pyrunc
 
 
 def _retire_zygote(path: str) -> None:
@@ -110,18 +103,28 @@ def _retire_zygote(path: str) -> None:
 class _Runtime(TaskManager):
     """The task manager, retiring our shim's zygote when the daemon stops."""
 
-    zygote = ""
+    def __init__(self, *args: Any, zygote: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._zygote = zygote
 
     async def close(self) -> None:
         await super().close()
-        if self.zygote:
-            _retire_zygote(self.zygote)
+        if self._zygote:
+            _retire_zygote(self._zygote)
 
 
 async def _init_runtime(ic: InitContext) -> TaskManager:
+    from pycontainerd.shim.address import zygote_path
+
     cfg: RuntimeConfig = ic.config
     ic.platforms.append("linux/amd64")
-    manager = _Runtime(
+    # A configured binary for our runtime replaces the in-process launcher and its zygote.
+    zygote = "" if PYRUNC in cfg.runtimes else zygote_path(ic.address)
+    if zygote:
+        # A zygote left by an earlier daemon may run older code: removing its socket makes
+        # it exit (running shims are separate processes and stay); a new one starts on use.
+        _retire_zygote(zygote)
+    return _Runtime(
         ic.root,
         ic.state,
         grpc_address=ic.address,
@@ -129,14 +132,9 @@ async def _init_runtime(ic: InitContext) -> TaskManager:
         publisher=ic.get(PluginType.EVENT, Exchange),
         publish_binary=_publish_binary(),
         runtimes=cfg.runtimes,
-        starters={} if PYRUNC in cfg.runtimes else _starters(ic),
+        starters={PYRUNC: _pyrunc_starter(ic)} if zygote else {},
+        zygote=zygote,
     )
-    try:
-        from pycontainerd.shim import address
-    except ImportError:  # pragma: no cover - the shim ships with the daemon
-        return manager
-    manager.zygote = address.zygote_path(ic.address)
-    return manager
 
 
 async def _init_service(ic: InitContext) -> TasksService:
