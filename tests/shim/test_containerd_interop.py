@@ -50,19 +50,6 @@ class ContainerdWithPyrunc(Containerd):
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def start(self, timeout: float = 20.0) -> ContainerdWithPyrunc:
-        import subprocess
-
-        from tests.support.daemon import wait_for_socket
-
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=log, cwd=self.base, env=self.env()
-        )
-        log.close()
-        wait_for_socket(self.address, timeout, self.proc)
-        return self
-
 
 @pytest.fixture(scope="module")
 def containerd() -> Iterator[ContainerdWithPyrunc]:

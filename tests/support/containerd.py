@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support.daemon import Daemon, wait_for_socket
+from tests.support.daemon import Daemon
 
 CONTAINERD = shutil.which("containerd")
 
@@ -37,10 +36,3 @@ class Containerd(Daemon):
             "--log-level",
             "warn",
         ]
-
-    def start(self, timeout: float = 20.0) -> Containerd:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.base)
-        log.close()
-        wait_for_socket(self.address, timeout, self.proc)
-        return self

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import grpc
 
@@ -74,7 +75,7 @@ class Daemon:
             "debug",
         ]
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 20.0) -> Self:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=log, env=self.env(), cwd=self.base
