@@ -410,7 +410,8 @@ class LocalWriter:
             while self._pending_bytes > PIPELINE_BYTES:
                 self._wait_oldest()
 
-    def _write_raw(self, fd: int, data: bytes) -> None:
+    def _write_raw(self, fd: int, data: bytes | memoryview) -> None:
+        """Write all of ``data``; DataLoss if the disk takes nothing."""
         view = memoryview(data)
         written = 0
         while written < len(view):
@@ -441,14 +442,9 @@ class LocalWriter:
             raise DataLoss(f"ingest {self.ref!r}: a write failed: {self._failed}")
 
     def _write(self, data: bytes | memoryview) -> int:
-        fd = self._open_fd()
         view = memoryview(data)
-        written = 0
-        while written < len(view):
-            n = os.write(fd, view[written:])
-            if n <= 0:
-                raise DataLoss(f"wrote {written} of {len(view)} bytes")
-            written += n
+        self._write_raw(self._open_fd(), view)
+        written = len(view)
         # hashlib releases the GIL for large buffers, so this thread hop runs in parallel
         # with the event loop.
         self._hasher.update(view)
