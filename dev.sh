@@ -25,6 +25,10 @@ need_apt() {
   for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
+  # kubectl is the SPDY/WebSocket client of the CRI streaming tests; a machine that has one
+  # already (e.g. from the Google Cloud SDK) keeps it, as Debian's package would clash.
+  command -v kubectl >/dev/null || dpkg-query -W -f='${Status}' kubernetes-client 2>/dev/null \
+    | grep -q "install ok installed" || missing+=(kubernetes-client)
   if ((${#missing[@]})); then
     echo "installing: ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
