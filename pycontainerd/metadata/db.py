@@ -72,32 +72,24 @@ class MetadataDB:
     async def view(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read-only closure on the database thread."""
 
-        def _view() -> T:
-            conn = self._connection()
-            conn.execute("BEGIN")
-            try:
-                return fn(conn)
-            finally:
-                conn.execute("COMMIT")
+        return await self._run(lambda: self._view_inline(fn))
 
-        return await self._run(_view)
+    def view_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``view`` for code already running on a worker thread (never on the loop)."""
+        return self._executor.submit(lambda: self._view_inline(fn)).result()
+
+    def _view_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
 
     async def update(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a closure inside one write transaction on the database thread."""
 
-        def _update() -> T:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            self.mutations += 1
-            return result
-
-        return await self._run(_update)
+        return await self._run(lambda: self._update_inline(fn))
 
     def update_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``update`` for code already running on a worker thread (never on the loop)."""

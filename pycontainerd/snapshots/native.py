@@ -42,6 +42,7 @@ class NativeSnapshotter(LocalSnapshotter):
     """Snapshots as plain directory copies under ``root``."""
 
     copies_parent = True
+    cheap_create = False  # a copy of the parent tree must not hold the metadata thread
 
     def _populate(self, td: Path, kind: Kind, parent_fs: Path | None) -> None:
         fs = td / "fs"

@@ -159,6 +159,10 @@ class SyncSnapshotter(Protocol):
     transaction in one thread hop. Same semantics and errors as the async methods.
     """
 
+    # Whether create_sync is cheap (a few directories and a metastore row, never a copy
+    # of the parent's data), so that it may run on the metadata database's thread.
+    cheap_create: bool
+
     def create_sync(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
     ) -> list[Mount]:
@@ -169,3 +173,7 @@ class SyncSnapshotter(Protocol):
 
     def remove_sync(self, key: str) -> None:
         """``remove``."""
+
+    def remove_many_sync(self, keys: Sequence[str]) -> list[tuple[str, Exception]]:
+        """Remove ``keys`` in order in one transaction; returns the ones that failed and
+        why (the others are removed all the same)."""

@@ -223,6 +223,26 @@ async def test_remove_and_codes(sn: LocalSnapshotter) -> None:
     assert os.listdir(sn.snapshots_dir) == []
 
 
+async def test_remove_many_in_one_transaction(sn: LocalSnapshotter) -> None:
+    """A batch removes in order (children before their parent), reports the keys it could
+    not remove and still removes the rest, files included."""
+    await sn.prepare("a")
+    await sn.commit("A", "a")
+    await sn.prepare("b", "A")
+    await sn.view("v", "A")
+    await sn.prepare("keep", "A")
+    failed = await asyncio.to_thread(sn.remove_many_sync, ["b", "missing", "v", "A"])
+    assert [(k, type(e)) for k, e in failed] == [
+        ("missing", NotFound),
+        ("A", FailedPrecondition),  # "keep" is still its child
+    ]
+    assert {i.name for i in await sn.walk()} == {"A", "keep"}
+    assert await asyncio.to_thread(sn.remove_many_sync, ["keep", "A"]) == []
+    assert await sn.walk() == []
+    await asyncio.to_thread(sn.flush_removals)
+    assert os.listdir(sn.snapshots_dir) == []
+
+
 async def test_walk_filters(sn: LocalSnapshotter) -> None:
     await sn.prepare("a", labels={"team": "red"})
     await sn.commit("A", "a", labels={"team": "blue", "containerd.io/x": "1"})
