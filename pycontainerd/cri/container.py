@@ -112,6 +112,7 @@ class ContainerService:
         status = ContainerStatus()
         await asyncio.to_thread(rt.statuses.save, id_, status)
         rt.containers[id_] = CRIContainer(meta, status)
+        rt.emit(id_, meta.sandbox_id, api_pb2.CONTAINER_CREATED_EVENT)
         return id_
 
     async def _create_record(
@@ -132,7 +133,7 @@ class ContainerService:
             if target.status.state != api_pb2.CONTAINER_RUNNING:
                 raise FailedPrecondition(f"target container {target.meta.id} is not running")
             target_pid = target.status.pid
-        prep = await asyncio.to_thread(host_prep, cfg)
+        prep = await asyncio.to_thread(host_prep, cfg, seccomp_default=rt.cfg.seccomp_default)
         img = await c.get_image(meta.image_name)
         async with c.lease():
             chain = await unpack(c, c.images, img, snap)
@@ -215,6 +216,7 @@ class ContainerService:
         c.status.pid = resp.pid
         c.status.started_at = now_ns()
         await asyncio.to_thread(rt.statuses.save, c.meta.id, c.status)
+        rt.emit(c.meta.id, c.meta.sandbox_id, api_pb2.CONTAINER_STARTED_EVENT)
 
     # ------------------------------------------------------------------ stop / remove
 
@@ -279,6 +281,7 @@ class ContainerService:
             await asyncio.to_thread(rt.statuses.remove, c.meta.id)
             rt.containers.pop(c.meta.id, None)
             rt.names.release(c.meta.name, c.meta.id)
+        rt.emit(c.meta.id, c.meta.sandbox_id, api_pb2.CONTAINER_DELETED_EVENT)
 
     # ------------------------------------------------------------------ status / list
 

@@ -34,6 +34,9 @@ class CRIConfig:
     # Clamp a requested oom_score_adj to the daemon's own value: without CAP_SYS_RESOURCE
     # runc cannot lower it (containerd's restrict_oom_score_adj).
     restrict_oom_score_adj: bool = True
+    # Give containers (and pods) whose security context names no seccomp profile the
+    # RuntimeDefault one, like kubelet's SeccompDefault; off: unconfined, as containerd 1.6.
+    seccomp_default: bool = False
     # Log lines longer than this are split into partial ("P") records.
     max_container_log_line_size: int = 16384
     # Address of the streaming server (Exec/Attach/PortForward); not served yet.

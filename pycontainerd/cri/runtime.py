@@ -6,8 +6,9 @@ on the daemon's own socket, in namespace ``k8s.io``, and wires pods with a
 in-process at init (so none is missed while the server comes up); the handler records a
 container's exit (code, time, reason ``Completed``/``Error``/``OOMKilled``) and deletes its
 task, or marks a sandbox not ready. ``start()`` recovers the state from the container
-records and live tasks once the server answers (see ``store``) and reclaims network
-namespaces and IPs no known pod owns; requests wait for that.
+records and live tasks once the server answers (see ``store``) and reclaims the pod
+directories (and their ``/dev/shm`` mounts), network namespaces and IPs no known pod
+owns; requests wait for that.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pycontainerd import typeurl
+from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.api.events import task_pb2 as events_task_pb2
 from pycontainerd.api.services.containers.v1 import containers_pb2
 from pycontainerd.api.services.tasks.v1 import tasks_pb2
@@ -40,6 +42,7 @@ from pycontainerd.cri.store import (
     NameIndex,
     SandboxMeta,
     StatusStore,
+    reclaim_sandbox_dirs,
 )
 from pycontainerd.errdefs import NotFound, PycdError, Unavailable
 
@@ -51,7 +54,7 @@ if TYPE_CHECKING:
     from pycontainerd.events.exchange import Exchange
     from pycontainerd.network import NetworkManager
 
-__all__ = ["CRIContainer", "CRIRuntime", "Sandbox"]
+__all__ = ["CRIContainer", "CRIRuntime", "ContainerEvent", "EventQueue", "Sandbox"]
 
 T = TypeVar("T")
 
@@ -59,6 +62,22 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "k8s.io"
 UNKNOWN_EXIT_CODE = 255
+# Container events a GetContainerEvents stream may have pending before it is cut off.
+EVENT_BACKLOG = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEvent:
+    """A lifecycle change of a container or sandbox (``id_ == sandbox_id``)."""
+
+    id_: str
+    sandbox_id: str
+    kind: api_pb2.ContainerEventType.ValueType
+    at: int
+
+
+# None: the subscriber fell behind and its events were dropped.
+EventQueue = asyncio.Queue[ContainerEvent | None]
 
 
 @dataclass(slots=True)
@@ -109,6 +128,7 @@ class CRIRuntime:
         self._failed: BaseException | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._log_writers: set[asyncio.subprocess.Process] = set()
+        self._event_queues: set[EventQueue] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,6 +179,31 @@ class CRIRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.close()
 
+    # ------------------------------------------------------------------ container events
+
+    def subscribe_events(self) -> EventQueue:
+        """A queue of the container events from now on (GetContainerEvents)."""
+        q: EventQueue = asyncio.Queue(EVENT_BACKLOG)
+        self._event_queues.add(q)
+        return q
+
+    def unsubscribe_events(self, q: EventQueue) -> None:
+        self._event_queues.discard(q)
+
+    def emit(self, id_: str, sandbox_id: str, kind: api_pb2.ContainerEventType.ValueType) -> None:
+        """Queue an event for every subscriber; never blocks. A subscriber whose backlog
+        is full loses it and gets None instead, then nothing more: its stream ends with
+        an error and kubelet relists, rather than the daemon buffering without bound."""
+        ev = ContainerEvent(id_, sandbox_id, kind, now_ns())
+        for q in list(self._event_queues):
+            try:
+                q.put_nowait(ev)
+            except asyncio.QueueFull:
+                self._event_queues.discard(q)
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait(None)
+
     # ------------------------------------------------------------------ lookups
 
     def sandbox(self, id_: str) -> Sandbox:
@@ -206,6 +251,8 @@ class CRIRuntime:
         sb = self.sandboxes.get(id_)
         if sb is not None:
             async with sb.lock:
+                if sb.ready:
+                    self.emit(id_, id_, api_pb2.CONTAINER_STOPPED_EVENT)
                 sb.ready = False
                 await self.delete_task(id_)
 
@@ -220,6 +267,7 @@ class CRIRuntime:
         await self.delete_task(c.meta.id)
         await asyncio.to_thread(self.statuses.save, c.meta.id, st)
         c.exited.set()
+        self.emit(c.meta.id, c.meta.sandbox_id, api_pb2.CONTAINER_STOPPED_EVENT)
 
     async def delete_task(self, id_: str) -> None:
         with contextlib.suppress(NotFound):
@@ -255,6 +303,9 @@ class CRIRuntime:
             except (PycdError, TypeError, KeyError) as exc:
                 log.warning("CRI record %s is unreadable, ignored: %s", rec.id, exc)
         await self.reconcile()
+        gone = await asyncio.to_thread(reclaim_sandbox_dirs, self.sandbox_dirs, set(self.sandboxes))
+        if gone:
+            log.info("removed the files and /dev/shm mounts of unknown pods: %s", gone)
         report = await self.network.reclaim(self._live_sandboxes)
         if report.attachments or report.netns or report.leases:
             log.info("reclaimed leaked pod networking: %s", report)

@@ -3,11 +3,13 @@
 RunPodSandbox reserves the pod's name, makes its network namespace and wires it by CNI
 (with the pod's port mappings) unless it uses the host network, writes the pod's
 ``hostname``, ``hosts`` and ``resolv.conf`` (from its DNS config) into a directory of its
-own that every container bind-mounts, and starts the sandbox process from the sandbox
-image in new PID/IPC/UTS namespaces (or the host's, per the namespace options). Any
-failure undoes what was done, in reverse. StopPodSandbox stops the pod's containers,
-kills the sandbox process and releases its network; RemovePodSandbox also removes the
-containers and records. Both are idempotent, as kubelet expects.
+own that every container bind-mounts, mounts the pod's ``/dev/shm`` tmpfs there (see
+``store``; the host's ``/dev/shm`` serves a pod in the host IPC namespace), and starts
+the sandbox process from the sandbox image in new PID/IPC/UTS namespaces (or the
+host's, per the namespace options). Any failure undoes what was done, in reverse.
+StopPodSandbox stops the pod's containers, kills the sandbox process, releases its
+network and unmounts its ``/dev/shm``; RemovePodSandbox also removes the containers and
+records. Both are idempotent, as kubelet expects.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import secrets
 import shutil
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
 
@@ -30,6 +32,7 @@ from pycontainerd.api.services.snapshots.v1 import snapshots_pb2
 from pycontainerd.client import Container
 from pycontainerd.client.images import unpack
 from pycontainerd.client.spec import SPEC_TYPE_URL
+from pycontainerd.cri import seccomp
 from pycontainerd.cri.runtime import CRIRuntime, Sandbox, now_ns
 from pycontainerd.cri.spec import sandbox_spec
 from pycontainerd.cri.store import (
@@ -38,7 +41,10 @@ from pycontainerd.cri.store import (
     KIND_LABEL,
     SANDBOX_KIND,
     SandboxMeta,
+    mount_shm,
+    remove_sandbox_dir,
     sandbox_name,
+    unmount_shm,
 )
 from pycontainerd.errdefs import InvalidArgument, NotFound, PycdError
 from pycontainerd.network import PortMapping
@@ -73,6 +79,19 @@ def _pod_files(d: Path, cfg: api_pb2.PodSandboxConfig, hostname: str) -> None:
             shutil.copyfile("/etc/resolv.conf", d / "resolv.conf")
         except OSError:
             (d / "resolv.conf").write_text("")
+
+
+def _prepare_host(
+    d: Path, cfg: api_pb2.PodSandboxConfig, hostname: str, seccomp_default: bool
+) -> tuple[seccomp.Choice, dict[str, Any] | None]:
+    """Pick (and read) the pod's seccomp profile, write its files, mount its /dev/shm."""
+    sc = cfg.linux.security_context
+    choice = seccomp.choose(sc, privileged=sc.privileged, default_on=seccomp_default)
+    localhost = seccomp.load_localhost(choice.path) if choice.kind == "localhost" else None
+    _pod_files(d, cfg, hostname)
+    if sc.namespace_options.ipc != api_pb2.NODE:
+        mount_shm(d)  # last: nothing after it can fail and leave it mounted
+    return choice, localhost
 
 
 class SandboxService:
@@ -140,11 +159,14 @@ class SandboxService:
             extra_ips = [c.ip for c in result.ips if c.ip != ip]
         files = rt.sandbox_dirs / id_
         hostname = cfg.hostname or (socket.gethostname() if host_net else id_[:63])
-        await asyncio.to_thread(_pod_files, files, cfg, hostname)
-        undo.append(lambda: asyncio.to_thread(shutil.rmtree, files, True))
+        undo.append(lambda: asyncio.to_thread(remove_sandbox_dir, files))
+        choice, localhost = await asyncio.to_thread(
+            _prepare_host, files, cfg, hostname, rt.cfg.seccomp_default
+        )
         spec = sandbox_spec(
             cfg, id_, image.config, command=list(rt.cfg.sandbox_command),
             netns=netns, files_dir=str(files), oom=rt.oom,
+            seccomp_choice=choice, seccomp_localhost=localhost,
         )  # fmt: skip
         meta = SandboxMeta(
             id=id_, name=name, config=cfg.SerializeToString(), created_at=now_ns(),
@@ -158,6 +180,7 @@ class SandboxService:
             undo.append(lambda: rt.delete_task(id_))
             sb.pid = await task.start()
             sb.ready = True
+        rt.emit(id_, id_, api_pb2.CONTAINER_STARTED_EVENT)
         return id_
 
     async def _create_record(
@@ -208,10 +231,13 @@ class SandboxService:
             await containers.stop(c.meta.id, 0)
         async with sb.lock:
             await _kill_and_wait(rt, sb)
+            if sb.ready:
+                rt.emit(sb.meta.id, sb.meta.id, api_pb2.CONTAINER_STOPPED_EVENT)
             sb.ready = False
             if sb.meta.netns:
                 await rt.network.teardown(sb.meta.id, sb.meta.netns)
                 await rt.network.remove_netns(sb.meta.netns)
+            await asyncio.to_thread(unmount_shm, rt.sandbox_dirs / sb.meta.id)
 
     async def remove(self, id_: str) -> None:
         rt = self.rt
@@ -229,9 +255,10 @@ class SandboxService:
         async with sb.lock:
             await _delete_record(rt, sb.meta.id)
             await _remove_snapshot(rt, sb.meta.id)
-            await asyncio.to_thread(shutil.rmtree, rt.sandbox_dirs / sb.meta.id, True)
+            await asyncio.to_thread(remove_sandbox_dir, rt.sandbox_dirs / sb.meta.id)
             rt.sandboxes.pop(sb.meta.id, None)
             rt.names.release(sb.meta.name, sb.meta.id)
+        rt.emit(sb.meta.id, sb.meta.id, api_pb2.CONTAINER_DELETED_EVENT)
 
     # ------------------------------------------------------------------ status / list
 

@@ -3,7 +3,7 @@
 Thin: each method unpacks the request, calls the sandbox, container or image service and
 packs the answer. Errors are domain errors (NotFound for unknown ids, the name-conflict
 error as UNKNOWN like containerd's), mapped by the daemon's interceptor. Methods not
-served yet (checkpoints, events, metrics descriptors) answer UNIMPLEMENTED,
+served yet (checkpoints, streamed metrics) answer UNIMPLEMENTED,
 which kubelet treats as "feature absent" where it has a fallback.
 """
 
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from pycontainerd.api.cri.runtime.v1 import api_pb2, api_pb2_grpc
 from pycontainerd.cri.container import ContainerService
 from pycontainerd.cri.sandbox import SandboxService
-from pycontainerd.cri.stats import StatsService
+from pycontainerd.cri.stats import METRIC_DESCRIPTORS, StatsService
 from pycontainerd.cri.streaming import StreamServer
-from pycontainerd.errdefs import NotFound, PycdError, Unimplemented
+from pycontainerd.errdefs import NotFound, PycdError, ResourceExhausted, Unimplemented
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import grpc
 
     from pycontainerd.cri.images import ImageInfo
-    from pycontainerd.cri.runtime import CRIRuntime
+    from pycontainerd.cri.runtime import ContainerEvent, CRIRuntime
 
 __all__ = ["CRIService", "ImageServicer", "RuntimeServicer"]
 
@@ -179,6 +179,50 @@ class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):
     ) -> api_pb2.ListPodSandboxStatsResponse:
         f = request.filter if request.HasField("filter") else None
         return api_pb2.ListPodSandboxStatsResponse(stats=await self.stats.list_sandboxes(f))
+
+    async def GetContainerEvents(
+        self, request: api_pb2.GetEventsRequest, context: Ctx
+    ) -> AsyncIterator[api_pb2.ContainerEventResponse]:
+        """Container and sandbox lifecycle events from now on (kubelet's Evented PLEG),
+        each with the pod's status and its containers' statuses at sending time."""
+        await self.rt.ready()
+        q = self.rt.subscribe_events()
+        try:
+            # Headers now: a client awaiting them knows it misses nothing from here on.
+            await context.send_initial_metadata(())
+            while (ev := await q.get()) is not None:
+                yield await self._event_pb(ev)
+            raise ResourceExhausted("container event stream fell behind; events were dropped")
+        finally:
+            self.rt.unsubscribe_events(q)
+
+    async def _event_pb(self, ev: ContainerEvent) -> api_pb2.ContainerEventResponse:
+        resp = api_pb2.ContainerEventResponse(
+            container_id=ev.id_, container_event_type=ev.kind, created_at=ev.at
+        )
+        try:
+            resp.pod_sandbox_status.CopyFrom((await self.sandboxes.status(ev.sandbox_id)).status)
+        except NotFound:
+            return resp  # the pod is gone
+        for c in list(self.rt.containers.values()):
+            if c.meta.sandbox_id == ev.sandbox_id:
+                try:
+                    resp.containers_statuses.append(
+                        (await self.containers.status(c.meta.id)).status
+                    )
+                except NotFound:
+                    continue  # removed meanwhile
+        return resp
+
+    async def ListMetricDescriptors(
+        self, request: api_pb2.ListMetricDescriptorsRequest, context: Ctx
+    ) -> api_pb2.ListMetricDescriptorsResponse:
+        return api_pb2.ListMetricDescriptorsResponse(descriptors=METRIC_DESCRIPTORS)
+
+    async def ListPodSandboxMetrics(
+        self, request: api_pb2.ListPodSandboxMetricsRequest, context: Ctx
+    ) -> api_pb2.ListPodSandboxMetricsResponse:
+        return api_pb2.ListPodSandboxMetricsResponse(pod_metrics=await self.stats.pod_metrics())
 
     async def UpdateRuntimeConfig(
         self, request: api_pb2.UpdateRuntimeConfigRequest, context: Ctx

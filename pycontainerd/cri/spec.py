@@ -7,16 +7,17 @@ pod's network, IPC, UTS and PID namespaces; a container joins them through
 another container's PID namespace), bind-mounts the sandbox's ``hosts``, ``hostname`` and
 ``resolv.conf``, and gets the security context (user, capabilities — ``ALL`` in add or drop
 means every one — read-only rootfs, no_new_privs, privileged, masked and read-only paths,
-a Localhost seccomp profile) and Linux resources. A RuntimeDefault seccomp or AppArmor
-profile is accepted and means what it means for containerd without those profiles
-installed: no filter. Everything here is pure except ``host_prep`` (stat devices, create
+the seccomp profile ``seccomp.choose`` picks — RuntimeDefault built from the process's
+capabilities, or a Localhost file) and Linux resources. Every pod member mounts the pod's
+``/dev/shm`` (``shm_dir``; the host's when the pod shares the host IPC namespace). A
+RuntimeDefault AppArmor profile is accepted and means no profile, as for containerd
+without AppArmor. Everything here is pure except ``host_prep`` (stat devices, create
 missing bind sources, read a seccomp profile), run in a thread by the caller.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.client.spec import ALL_CAPS, DEFAULT_CAPS, generate_spec
+from pycontainerd.cri import seccomp
 from pycontainerd.errdefs import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
@@ -90,12 +92,14 @@ class HostPrep:
     """Facts read from the host for a container spec."""
 
     devices: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
-    seccomp: dict[str, Any] | None = None
+    seccomp_choice: seccomp.Choice = seccomp.NONE
+    seccomp: dict[str, Any] | None = None  # a Localhost profile, read
     apparmor: bool = False
 
 
-def host_prep(cfg: api_pb2.ContainerConfig) -> HostPrep:
-    """Stat devices, create missing bind-mount sources, read a Localhost seccomp profile."""
+def host_prep(cfg: api_pb2.ContainerConfig, *, seccomp_default: bool = False) -> HostPrep:
+    """Stat devices, create missing bind-mount sources, pick the seccomp profile and read
+    it when it is a Localhost one."""
     out = HostPrep()
     for m in cfg.mounts:
         if m.host_path and not os.path.exists(m.host_path):
@@ -130,13 +134,9 @@ def host_prep(cfg: api_pb2.ContainerConfig) -> HostPrep:
         }
         out.devices.append((dev, rule))
     sc = cfg.linux.security_context
-    if sc.seccomp.profile_type == api_pb2.SecurityProfile.Localhost:
-        path = sc.seccomp.localhost_ref.removeprefix("localhost/")
-        try:
-            with open(path, encoding="utf-8") as f:
-                out.seccomp = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"seccomp profile {path!r}: {exc}") from exc
+    out.seccomp_choice = seccomp.choose(sc, privileged=sc.privileged, default_on=seccomp_default)
+    if out.seccomp_choice.kind == "localhost":
+        out.seccomp = seccomp.load_localhost(out.seccomp_choice.path)
     out.apparmor = _apparmor_enabled()
     return out
 
@@ -208,6 +208,14 @@ def _bind(src: str, dst: str, *, ro: bool, propagation: str = "rprivate") -> dic
     }
 
 
+def _shm_bind(files_dir: str, ipc: api_pb2.NamespaceMode.ValueType, *, ro: bool) -> dict[str, Any]:
+    """The pod's /dev/shm: its own tmpfs, or the host's when it shares the host's IPC."""
+    src = "/dev/shm" if ipc == api_pb2.NODE else f"{files_dir}/shm"
+    m = _bind(src, "/dev/shm", ro=ro)
+    m["options"] += ["nosuid", "nodev", "noexec"]
+    return m
+
+
 def _namespaces(spec: dict[str, Any], entries: dict[str, str | None]) -> None:
     """Set the spec's namespaces: a path joins, "" makes a new one, None leaves it out."""
     out = [ns for ns in spec["linux"]["namespaces"] if ns["type"] not in entries]
@@ -267,6 +275,8 @@ def sandbox_spec(
     netns: str,
     files_dir: str,
     oom: OomPolicy,
+    seccomp_choice: seccomp.Choice = seccomp.NONE,
+    seccomp_localhost: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The spec of a pod's sandbox process (``netns`` "": host network)."""
     argv = command or image_argv([], [], image_config)
@@ -289,8 +299,12 @@ def sandbox_spec(
         spec["hostname"] = cfg.hostname or os.uname().nodename
     for name in ("hosts", "hostname", "resolv.conf"):
         _set_mount(spec["mounts"], _bind(f"{files_dir}/{name}", f"/etc/{name}", ro=True))
+    _set_mount(spec["mounts"], _shm_bind(files_dir, ns_opts.ipc, ro=True))
     spec["process"]["oomScoreAdj"] = oom.apply(SANDBOX_OOM_SCORE_ADJ)
     spec["process"]["noNewPrivileges"] = True
+    profile = seccomp.profile_for(seccomp_choice, spec, seccomp_localhost)
+    if profile is not None and not sc.privileged:
+        spec["linux"]["seccomp"] = profile
     if cfg.linux.sysctls:
         spec["linux"]["sysctl"] = dict(cfg.linux.sysctls)
     spec["linux"]["cgroupsPath"] = _cgroups_path(cfg.linux.cgroup_parent, id_)
@@ -355,8 +369,9 @@ def container_spec(
     process["noNewPrivileges"] = sc.no_new_privs
     if sc.apparmor.profile_type == api_pb2.SecurityProfile.Localhost and prep.apparmor:
         process["apparmorProfile"] = sc.apparmor.localhost_ref.removeprefix("localhost/")
-    if prep.seccomp is not None and not sc.privileged:
-        spec["linux"]["seccomp"] = prep.seccomp
+    profile = seccomp.profile_for(prep.seccomp_choice, spec, prep.seccomp)
+    if profile is not None and not sc.privileged:
+        spec["linux"]["seccomp"] = profile
     if sc.readonly_rootfs:
         spec["root"]["readonly"] = True
     pid_mode = sc.namespace_options.pid
@@ -380,6 +395,8 @@ def container_spec(
     mounts: list[dict[str, Any]] = spec["mounts"]
     for name in ("hosts", "hostname", "resolv.conf"):
         _set_mount(mounts, _bind(f"{files_dir}/{name}", f"/etc/{name}", ro=sc.readonly_rootfs))
+    # Before the CRI mounts: one of them may put something else at /dev/shm.
+    _set_mount(mounts, _shm_bind(files_dir, sb_ns.ipc, ro=False))
     rootfs_propagation = ""
     for m in cfg.mounts:
         prop = _PROPAGATION.get(m.propagation, "rprivate")

@@ -1,4 +1,5 @@
-"""CRI stats: ContainerStats, ListContainerStats, PodSandboxStats, ListPodSandboxStats.
+"""CRI stats and metrics: ContainerStats, ListContainerStats, PodSandboxStats,
+ListPodSandboxStats, ListMetricDescriptors and ListPodSandboxMetrics.
 
 CPU and memory come from the tasks' cgroup metrics (``Tasks.Metrics``, cgroups v1 or v2
 ``Metrics`` as the shim reports them), fetched in one call for all the tasks asked
@@ -8,6 +9,13 @@ kept per id (absent on the first sample). The writable layer is the snapshotter'
 the container's snapshot. A pod's CPU and memory are the sums over its sandbox task and
 its containers' tasks (the pod cgroup itself is not read), its network counters come from
 ``/proc/<sandbox pid>/net/dev``, which shows the pod's network namespace.
+
+The metrics (kubelet's PodAndContainerStatsFromCRI) are the same figures under cAdvisor's
+names, as CRI-O reports them: a fixed set of descriptors, label keys ``id``, ``name``,
+``image`` (plus ``cpu``="total" or ``interface``), and per running container its CPU
+(whole seconds: the value is an integer), memory, memory limit (0: none), threads and
+start time; per pod its network counters, labelled with the pod's id, name and the
+sandbox image.
 """
 
 from __future__ import annotations
@@ -31,10 +39,102 @@ if TYPE_CHECKING:
 
     from pycontainerd.cri.runtime import CRIContainer, CRIRuntime, Sandbox
 
-__all__ = ["Sample", "StatsService", "parse_net_dev", "sample_of"]
+__all__ = [
+    "METRIC_DESCRIPTORS",
+    "Sample",
+    "StatsService",
+    "net_counters",
+    "parse_net_dev",
+    "sample_of",
+]
 
 # A v1 cgroup without a memory limit reports this (or near it): no available_bytes then.
 _UNLIMITED = 1 << 62
+_SECOND = 1_000_000_000
+COUNTER = api_pb2.COUNTER
+GAUGE = api_pb2.GAUGE
+BASE_LABELS = ("id", "name", "image")
+
+# name, help, type, label keys beyond BASE_LABELS. Static for the daemon's life: kubelet
+# reads them once and drops metrics it has no descriptor for.
+_CONTAINER_METRICS: tuple[tuple[str, str, api_pb2.MetricType.ValueType, tuple[str, ...]], ...] = (
+    ("container_cpu_usage_seconds_total", "Cumulative cpu time consumed in seconds.",
+     COUNTER, ("cpu",)),
+    ("container_cpu_user_seconds_total", "Cumulative user cpu time consumed in seconds.",
+     COUNTER, ()),
+    ("container_cpu_system_seconds_total", "Cumulative system cpu time consumed in seconds.",
+     COUNTER, ()),
+    ("container_memory_usage_bytes",
+     "Current memory usage in bytes, including all memory regardless of when it was accessed",
+     GAUGE, ()),
+    ("container_memory_working_set_bytes", "Current working set in bytes.", GAUGE, ()),
+    ("container_memory_rss", "Size of RSS in bytes.", GAUGE, ()),
+    ("container_spec_memory_limit_bytes", "Memory limit for the container.", GAUGE, ()),
+    ("container_threads", "Number of threads running inside the container", GAUGE, ()),
+    ("container_start_time_seconds", "Start time of the container since unix epoch in seconds.",
+     GAUGE, ()),
+)  # fmt: skip
+# /proc/net/dev column, metric name, help.
+_NETWORK_METRICS: tuple[tuple[int, str, str], ...] = (
+    (0, "container_network_receive_bytes_total", "Cumulative count of bytes received"),
+    (1, "container_network_receive_packets_total", "Cumulative count of packets received"),
+    (2, "container_network_receive_errors_total",
+     "Cumulative count of errors encountered while receiving"),
+    (3, "container_network_receive_packets_dropped_total",
+     "Cumulative count of packets dropped while receiving"),
+    (8, "container_network_transmit_bytes_total", "Cumulative count of bytes transmitted"),
+    (9, "container_network_transmit_packets_total", "Cumulative count of packets transmitted"),
+    (10, "container_network_transmit_errors_total",
+     "Cumulative count of errors encountered while transmitting"),
+    (11, "container_network_transmit_packets_dropped_total",
+     "Cumulative count of packets dropped while transmitting"),
+)  # fmt: skip
+METRIC_DESCRIPTORS: tuple[api_pb2.MetricDescriptor, ...] = (
+    *(
+        api_pb2.MetricDescriptor(name=n, help=h, label_keys=[*BASE_LABELS, *extra])
+        for n, h, _, extra in _CONTAINER_METRICS
+    ),
+    *(
+        api_pb2.MetricDescriptor(name=n, help=h, label_keys=[*BASE_LABELS, "interface"])
+        for _, n, h in _NETWORK_METRICS
+    ),
+)
+
+
+def container_metrics(s: Sample, labels: list[str], started_at: int) -> list[api_pb2.Metric]:
+    """cAdvisor's figures for one container's sample; ``labels``: id, name, image."""
+    limit = s.limit if 0 < s.limit < _UNLIMITED else 0
+    values = (
+        s.cpu_ns // _SECOND, s.cpu_user_ns // _SECOND, s.cpu_system_ns // _SECOND,
+        s.memory_usage, s.working_set, s.rss, limit, s.processes, started_at // _SECOND,
+    )  # fmt: skip
+    return [
+        api_pb2.Metric(
+            name=name,
+            timestamp=s.timestamp,
+            metric_type=kind,
+            label_values=[*labels, *(["total"] if extra else [])],
+            value=_u64(v),
+        )
+        for (name, _, kind, extra), v in zip(_CONTAINER_METRICS, values, strict=True)
+    ]
+
+
+def network_metrics(
+    counters: dict[str, list[int]], labels: list[str], timestamp: int
+) -> list[api_pb2.Metric]:
+    """The pod's network counters, one metric per interface and counter."""
+    return [
+        api_pb2.Metric(
+            name=name,
+            timestamp=timestamp,
+            metric_type=COUNTER,
+            label_values=[*labels, iface],
+            value=_u64(f[col]),
+        )
+        for iface, f in sorted(counters.items())
+        for col, name, _ in _NETWORK_METRICS
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +150,8 @@ class Sample:
     major_page_faults: int
     limit: int
     processes: int
+    cpu_user_ns: int = 0
+    cpu_system_ns: int = 0
 
 
 def sample_of(data: object, timestamp: int) -> Sample | None:
@@ -60,36 +162,45 @@ def sample_of(data: object, timestamp: int) -> Sample | None:
         return Sample(
             timestamp, data.cpu.usage.total, usage, max(usage - m.total_inactive_file, 0),
             m.total_rss, m.total_pg_fault, m.total_pg_maj_fault, m.usage.limit,
-            data.pids.current,
+            data.pids.current, data.cpu.usage.user, data.cpu.usage.kernel,
         )  # fmt: skip
     if isinstance(data, v2.Metrics):
         m2 = data.memory
         return Sample(
             timestamp, data.cpu.usage_usec * 1000, m2.usage,
             max(m2.usage - m2.inactive_file, 0), m2.anon, m2.pgfault, m2.pgmajfault,
-            m2.usage_limit, data.pids.current,
+            m2.usage_limit, data.pids.current, data.cpu.user_usec * 1000,
+            data.cpu.system_usec * 1000,
         )  # fmt: skip
     return None
 
 
-def parse_net_dev(text: str) -> list[api_pb2.NetworkInterfaceUsage]:
-    """Interfaces other than loopback from a ``/proc/net/dev`` table."""
-    out = []
+def net_counters(text: str) -> dict[str, list[int]]:
+    """Each interface but loopback of a ``/proc/net/dev`` table, with its 16 counters
+    (receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes
+    packets errs drop fifo colls carrier compressed)."""
+    out = {}
     for line in text.splitlines()[2:]:
         name, sep, rest = line.partition(":")
         f = rest.split()
         if not sep or len(f) < 16 or name.strip() == "lo":
             continue
-        out.append(
-            api_pb2.NetworkInterfaceUsage(
-                name=name.strip(),
-                rx_bytes=api_pb2.UInt64Value(value=int(f[0])),
-                rx_errors=api_pb2.UInt64Value(value=int(f[2])),
-                tx_bytes=api_pb2.UInt64Value(value=int(f[8])),
-                tx_errors=api_pb2.UInt64Value(value=int(f[10])),
-            )
-        )
+        out[name.strip()] = [int(x) for x in f[:16]]
     return out
+
+
+def parse_net_dev(text: str) -> list[api_pb2.NetworkInterfaceUsage]:
+    """Interfaces other than loopback from a ``/proc/net/dev`` table."""
+    return [
+        api_pb2.NetworkInterfaceUsage(
+            name=name,
+            rx_bytes=_u64(f[0]),
+            rx_errors=_u64(f[2]),
+            tx_bytes=_u64(f[8]),
+            tx_errors=_u64(f[10]),
+        )
+        for name, f in net_counters(text).items()
+    ]
 
 
 def _read_net_dev(pid: int) -> str:
@@ -268,6 +379,46 @@ class StatsService:
             if sb.ready:
                 out.append(await self._sandbox_pb(sb))
         return out
+
+    # ------------------------------------------------------------------ metrics
+
+    async def pod_metrics(self) -> list[api_pb2.PodSandboxMetrics]:
+        """Metrics of every ready pod and its running containers (one task-metrics call
+        for all of them, one thread hop for all the pods' network tables)."""
+        rt = self.rt
+        await rt.ready()
+        pods = [sb for sb in list(rt.sandboxes.values()) if sb.ready]
+        wanted = {sb.meta.id for sb in pods}
+        members = [
+            c
+            for c in list(rt.containers.values())
+            if c.meta.sandbox_id in wanted and c.status.state == api_pb2.CONTAINER_RUNNING
+        ]
+        samples = await self._samples([c.meta.id for c in members])
+        netted = [(sb.meta.id, sb.pid) for sb in pods if sb.pid and sb.meta.netns]
+        tables = await asyncio.to_thread(lambda: {i: _read_net_dev(p) for i, p in netted})
+        now = time.time_ns()
+        out = {}
+        for sb in pods:
+            cfg = sb.meta.config_pb()
+            labels = [sb.meta.id, cfg.metadata.name, rt.cfg.sandbox_image]
+            out[sb.meta.id] = api_pb2.PodSandboxMetrics(
+                pod_sandbox_id=sb.meta.id,
+                metrics=network_metrics(net_counters(tables.get(sb.meta.id, "")), labels, now),
+            )
+        for c in members:
+            s = samples.get(c.meta.id)
+            if s is None:
+                continue
+            cfg_c = c.meta.config_pb()
+            labels = [c.meta.id, cfg_c.metadata.name, cfg_c.image.image or c.meta.image_name]
+            out[c.meta.sandbox_id].container_metrics.append(
+                api_pb2.ContainerMetrics(
+                    container_id=c.meta.id,
+                    metrics=container_metrics(s, labels, c.status.started_at),
+                )
+            )
+        return list(out.values())
 
     def _prune(self) -> None:
         """Drop the CPU samples kept for containers and pods that are gone."""

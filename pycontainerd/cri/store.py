@@ -9,6 +9,12 @@ is a small JSON status file under the plugin's root, replaced atomically on each
 After a daemon restart both are read back (``RuntimeState.recover`` in ``runtime``), so
 ids, names and states are the same as before. ``NameIndex`` reserves the CRI names
 (``name_namespace_uid_attempt``), as containerd's name index does.
+
+Each pod also has a directory under the plugin's state (``sandboxes/<id>``) with its
+``hostname``, ``hosts`` and ``resolv.conf`` and, unless it shares the host's IPC
+namespace, ``shm``: a 64 MiB tmpfs every member of the pod bind-mounts at ``/dev/shm``.
+The tmpfs is a mount in the daemon's namespace, so it is unmounted when the pod stops and
+when a directory no known pod owns is found at recovery (``reclaim_sandbox_dirs``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.errdefs import DataLoss, PycdError
+from pycontainerd.snapshots.mount import MNT_DETACH, Mount, unmount_all
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -41,6 +48,10 @@ __all__ = [
     "NameReserved",
     "SandboxMeta",
     "StatusStore",
+    "mount_shm",
+    "reclaim_sandbox_dirs",
+    "remove_sandbox_dir",
+    "unmount_shm",
 ]
 
 KIND_LABEL = "io.cri-containerd.kind"
@@ -48,6 +59,8 @@ SANDBOX_KIND = "sandbox"
 CONTAINER_KIND = "container"
 EXT_KEY = "io.pycontainerd.cri.metadata"
 EXT_TYPE = "pycontainerd.io/cri/Metadata"
+SHM_SIZE = 64 << 20  # containerd's default pod /dev/shm size
+SHM_OPTIONS = ("nosuid", "nodev", "noexec", "mode=1777", f"size={SHM_SIZE}")
 
 
 class NameReserved(PycdError):
@@ -214,3 +227,42 @@ def sandbox_name(md: api_pb2.PodSandboxMetadata) -> str:
 
 def container_name(md: api_pb2.ContainerMetadata, sandbox: api_pb2.PodSandboxMetadata) -> str:
     return "_".join((md.name, sandbox.name, sandbox.namespace, sandbox.uid, str(md.attempt)))
+
+
+# ---------------------------------------------------------------------- pod directories
+# Blocking: call these from a worker thread.
+
+
+def mount_shm(sandbox_dir: Path) -> Path:
+    """Mount the pod's ``/dev/shm`` tmpfs at ``<sandbox_dir>/shm``; its path."""
+    target = sandbox_dir / "shm"
+    target.mkdir(mode=0o700, exist_ok=True)
+    Mount("tmpfs", "shm", options=SHM_OPTIONS).mount(target)
+    return target
+
+
+def unmount_shm(sandbox_dir: Path) -> None:
+    """Unmount the pod's ``/dev/shm`` tmpfs if it is mounted (detached: a process whose
+    working directory is there must not keep the pod from stopping)."""
+    unmount_all(sandbox_dir / "shm", MNT_DETACH)
+
+
+def remove_sandbox_dir(sandbox_dir: Path) -> None:
+    """Unmount the pod's tmpfs, then remove its directory (never the tmpfs's content
+    through a still-mounted tmpfs: that is the pod's memory, not disk)."""
+    unmount_shm(sandbox_dir)
+    shutil.rmtree(sandbox_dir, ignore_errors=True)
+
+
+def reclaim_sandbox_dirs(root: Path, known: set[str]) -> list[str]:
+    """Remove the directories under ``root`` of pods not in ``known``; their ids."""
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    gone = []
+    for d in entries:
+        if d.name not in known and d.is_dir():
+            remove_sandbox_dir(d)
+            gone.append(d.name)
+    return gone
