@@ -2,22 +2,31 @@
 
 The gRPC calls only check the request and hand out a URL ``http://<addr>:<port>/<kind>/
 <token>``; the token is random, single use and expires after a minute, as in containerd's
-streaming server. The client (kubelet's proxy, crictl) then opens that URL as a WebSocket:
+streaming server. The client (kubelet's proxy, kubectl, crictl) then upgrades that URL's
+HTTP connection to one of two transports:
 
-* exec / attach speak ``v5.channel.k8s.io`` or ``v4.channel.k8s.io``: every binary message
-  starts with a channel byte — 0 stdin, 1 stdout, 2 stderr, 3 error (a JSON
+* WebSocket. exec / attach speak ``v5.channel.k8s.io`` or ``v4.channel.k8s.io``: every
+  binary message starts with a channel byte — 0 stdin, 1 stdout, 2 stderr, 3 error (a JSON
   ``metav1.Status`` when the command ends), 4 resize (``{"Width":w,"Height":h}``); v5 adds
-  channel 255, whose message ``[255, n]`` closes stream ``n`` (stdin's EOF).
-* portforward speaks ``v4.channel.k8s.io`` (or no subprotocol; ``portforward.k8s.io``
-  is taken as a synonym): for the i-th port (``?port=`` in the URL, else
-  the ports of the request) channel 2i carries data and 2i+1 errors; the server first sends
-  the port number (2 bytes, little endian) on both. The connection to 127.0.0.1:<port> is
-  made from a socket created inside the pod's network namespace.
+  channel 255, whose message ``[255, n]`` closes stream ``n`` (stdin's EOF). portforward
+  speaks ``v4.channel.k8s.io`` (or no subprotocol; ``portforward.k8s.io`` is taken as a
+  synonym): for the i-th port (``?port=`` in the URL, else the ports of the request)
+  channel 2i carries data and 2i+1 errors; the server first sends the port number (2
+  bytes, little endian) on both.
+* SPDY/3.1 (``spdy.py``), chosen with ``X-Stream-Protocol-Version``. exec / attach
+  (``v5``/``v4``/``v3``/``v2.channel.k8s.io``): the client opens one stream per channel,
+  named by its ``streamtype`` header (error, stdin, stdout, stderr, resize); the session
+  starts once every stream the request asks for is open. The error stream gets the JSON
+  status (v4, v5) or, for a failure only, its message (v2, v3); resize carries a sequence
+  of JSON sizes. portforward (``portforward.k8s.io``): each forwarded connection is a pair
+  of streams, ``streamtype`` data and error, tied by ``requestid`` and naming ``port``.
 
-SPDY, kubelet's older transport, is not spoken: such upgrades get 400. Attach limits: the
-container's output is read back from its CRI log file (the log writer owns the output
-FIFOs), so it needs a log path; stdin cannot be attached (containers are started without a
-stdin FIFO).
+Both transports feed one implementation: exec and attach see a ``Channels`` (send on a
+channel, receive stdin/resize/close events) and each forwarded connection a ``PortPipe``.
+The connection to 127.0.0.1:<port> is made from a socket created inside the pod's network
+namespace. Attach limits: the container's output is read back from its CRI log file (the
+log writer owns the output FIFOs), so it needs a log path; stdin cannot be attached
+(containers are started without a stdin FIFO).
 """
 
 from __future__ import annotations
@@ -29,32 +38,49 @@ import logging
 import os
 import secrets
 import signal
-import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.client import TaskIO
+from pycontainerd.cri.channels import (
+    CLOSE_STREAM,
+    ERROR,
+    RESIZE,
+    STDERR,
+    STDIN,
+    STDOUT,
+    SPDYChannels,
+    WebSocketChannels,
+    command_streams,
+    is_spdy_upgrade,
+    valid_command_stream,
+)
+from pycontainerd.cri.portforward import (
+    forward_spdy,
+    forward_websocket,
+    query_ports,
+    valid_port_stream,
+)
+from pycontainerd.cri.spdy import Connection
 from pycontainerd.cri.websocket import (
-    BINARY,
     HTTPRequest,
     ProtocolError,
     WebSocket,
     read_request,
     send_response,
 )
-from pycontainerd.errdefs import FailedPrecondition, InvalidArgument, NotFound, PycdError
-from pycontainerd.network import run_in_netns
+from pycontainerd.errdefs import FailedPrecondition, InvalidArgument, PycdError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from pycontainerd.client.tasks import Process
+    from pycontainerd.cri.channels import Channels
     from pycontainerd.cri.runtime import CRIContainer, CRIRuntime
 
-__all__ = ["STREAM_PROTOCOLS", "TOKEN_TTL", "StreamServer", "exit_status"]
+__all__ = ["SPDY_STREAM_PROTOCOLS", "STREAM_PROTOCOLS", "TOKEN_TTL", "StreamServer", "exit_status"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +89,12 @@ STREAM_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 # kubelet's WebSocket port-forward names its channel protocol v4.channel.k8s.io (or none);
 # portforward.k8s.io, SPDY's name for it, is accepted too.
 PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io")
-STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE_STREAM = 0, 1, 2, 3, 4, 255
+# Over SPDY kubelet serves v5 as v4 (v5's close signal is a WebSocket matter), v3 as v4
+# without the JSON status, v2 as v3 without resizing.
+SPDY_STREAM_PROTOCOLS = (
+    "v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io",
+)  # fmt: skip
+SPDY_PORTFORWARD_PROTOCOLS = ("portforward.k8s.io",)
 # How long output may still trickle in after the process exited (a background child can
 # hold the FIFO open for ever).
 OUTPUT_GRACE = 2.0
@@ -208,10 +239,12 @@ class StreamServer:
         if pending is None or pending.kind != parts[0] or pending.expires < time.monotonic():
             await send_response(writer, 404, "Not Found", "unknown or expired token\n")
             return
+        if is_spdy_upgrade(req) and req.method in ("GET", "POST"):
+            await self._handle_spdy(req, reader, writer, pending.request)
+            return
         if req.method != "GET" or not req.is_websocket:
-            await send_response(
-                writer, 400, "Bad Request", "only WebSocket upgrades are served (no SPDY)\n"
-            )
+            msg = "expected a WebSocket or SPDY/3.1 upgrade\n"
+            await send_response(writer, 400, "Bad Request", msg)
             return
         wanted = PORTFORWARD_PROTOCOLS if pending.kind == "portforward" else STREAM_PROTOCOLS
         offered = req.header_list("sec-websocket-protocol")
@@ -224,22 +257,70 @@ class StreamServer:
             )
             return
         ws = await WebSocket.accept(req, reader, writer, proto)
+        if isinstance(pending.request, api_pb2.PortForwardRequest):
+            try:
+                sb = self.rt.sandbox(pending.request.pod_sandbox_id)
+                ports = query_ports(req.query.get("port", [])) or list(pending.request.port)
+                await forward_websocket(ws, sb, ports)
+            except PycdError as exc:
+                with contextlib.suppress(ConnectionError):
+                    await ws.send(bytes([ERROR]) + _failure(str(exc)))
+            finally:
+                await ws.close()
+        else:
+            await self._remote_command(WebSocketChannels(ws), pending.request)
+
+    async def _handle_spdy(
+        self,
+        req: HTTPRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: Request,
+    ) -> None:
+        pf = isinstance(request, api_pb2.PortForwardRequest)
+        wanted = SPDY_PORTFORWARD_PROTOCOLS if pf else SPDY_STREAM_PROTOCOLS
+        # Like kubelet: the client's order of preference wins among what we speak.
+        offered = req.header_list("x-stream-protocol-version")
+        proto = next((p for p in offered if p in wanted), None)
+        if proto is None:
+            msg = f"unable to upgrade: X-Stream-Protocol-Version must be one of {list(wanted)}\n"
+            await send_response(writer, 403, "Forbidden", msg)
+            return
+        writer.write(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            f"X-Stream-Protocol-Version: {proto}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        conn = Connection(reader, writer, valid_port_stream if pf else valid_command_stream)
         try:
-            if isinstance(pending.request, api_pb2.ExecRequest):
-                await self._exec(ws, pending.request)
-            elif isinstance(pending.request, api_pb2.AttachRequest):
-                await self._attach(ws, pending.request)
+            if isinstance(request, api_pb2.PortForwardRequest):
+                await forward_spdy(conn, self.rt.sandbox(request.pod_sandbox_id))
+                return
+            streams = await command_streams(conn, request, resize=proto != "v2.channel.k8s.io")
+            if streams is not None:
+                chans = SPDYChannels(conn, streams, json_status=proto in SPDY_STREAM_PROTOCOLS[:2])
+                await self._remote_command(chans, request)
+        finally:
+            await conn.close()
+
+    async def _remote_command(
+        self, chans: Channels, request: api_pb2.ExecRequest | api_pb2.AttachRequest
+    ) -> None:
+        """Run an exec or attach session over ``chans``, whatever carries them."""
+        try:
+            if isinstance(request, api_pb2.ExecRequest):
+                await self._exec(chans, request)
             else:
-                await self._port_forward(ws, req, pending.request)
+                await self._attach(chans, request)
         except PycdError as exc:
             with contextlib.suppress(ConnectionError):
-                await ws.send(bytes([ERROR]) + _failure(str(exc)))
+                await chans.send(ERROR, _failure(str(exc)))
         finally:
-            await ws.close()
+            await chans.close()
 
     # ------------------------------------------------------------------ exec
 
-    async def _exec(self, ws: WebSocket, req: api_pb2.ExecRequest) -> None:
+    async def _exec(self, chans: Channels, req: api_pb2.ExecRequest) -> None:
         rt = self.rt
         c = rt.container(req.container_id)
         task = await (await rt.client.load_container(c.meta.id)).task()
@@ -250,8 +331,8 @@ class StreamServer:
             stdin=_drain_queue(stdin) if req.stdin else None,
             # runc's shim wants both output FIFOs (a terminal has no stderr): unwanted
             # output is read and dropped, as containerd's CRI does.
-            stdout=_sink(ws, STDOUT) if req.stdout else _discard,
-            stderr=None if req.tty else _sink(ws, STDERR) if req.stderr else _discard,
+            stdout=_sink(chans, STDOUT) if req.stdout else _discard,
+            stderr=None if req.tty else _sink(chans, STDERR) if req.stderr else _discard,
             capture=False,
             terminal=req.tty,
         )
@@ -259,9 +340,9 @@ class StreamServer:
         waiter = asyncio.ensure_future(proc.wait())
         pump: asyncio.Task[None] | None = None
         try:
-            await _hello(ws, req.stdout, req.stderr and not req.tty)
+            await _hello(chans, req.stdout, req.stderr and not req.tty)
             await proc.start()
-            pump = asyncio.create_task(self._client_input(ws, proc, stdin, req.tty))
+            pump = asyncio.create_task(self._client_input(chans, proc, stdin, req.tty))
             done, _ = await asyncio.wait({waiter, pump}, return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done:
                 # The client went away first: nobody is left to read, stop the command.
@@ -271,7 +352,7 @@ class StreamServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(io.wait(), OUTPUT_GRACE)
             with contextlib.suppress(ConnectionError):
-                await ws.send(bytes([ERROR]) + exit_status(status.code, list(req.cmd)))
+                await chans.send(ERROR, exit_status(status.code, list(req.cmd)))
         finally:
             if pump is not None:
                 pump.cancel()
@@ -283,7 +364,7 @@ class StreamServer:
             waiter.cancel()
 
     async def _client_input(
-        self, ws: WebSocket, proc: Process, stdin: asyncio.Queue[bytes | None], tty: bool
+        self, chans: Channels, proc: Process, stdin: asyncio.Queue[bytes | None], tty: bool
     ) -> None:
         """Route the client's messages until it closes: stdin, resizes, stream closes."""
         closer: asyncio.Task[None] | None = None
@@ -295,11 +376,8 @@ class StreamServer:
                 closer = asyncio.create_task(_close_stdin(proc))
 
         try:
-            while (msg := await ws.recv()) is not None:
-                op, data = msg
-                if op != BINARY or not data:
-                    continue
-                ch, body = data[0], data[1:]
+            while (msg := await chans.recv()) is not None:
+                ch, body = msg
                 if ch == STDIN and closer is None:
                     stdin.put_nowait(body)
                 elif ch == RESIZE and tty:
@@ -314,30 +392,31 @@ class StreamServer:
 
     # ------------------------------------------------------------------ attach
 
-    async def _attach(self, ws: WebSocket, req: api_pb2.AttachRequest) -> None:
+    async def _attach(self, chans: Channels, req: api_pb2.AttachRequest) -> None:
         c = self.rt.container(req.container_id)
         task = await (await self.rt.client.load_container(c.meta.id)).task()
-        await _hello(ws, req.stdout, req.stderr and not req.tty)
-        follower = asyncio.create_task(self._follow_log(ws, c, req))
-        reader = asyncio.create_task(self._attach_input(ws, task, req.tty))
+        await _hello(chans, req.stdout, req.stderr and not req.tty)
+        follower = asyncio.create_task(self._follow_log(chans, c, req))
+        reader = asyncio.create_task(self._attach_input(chans, task, req.tty))
         try:
             await asyncio.wait({follower, reader}, return_when=asyncio.FIRST_COMPLETED)
             if follower.done():
                 follower.result()
                 with contextlib.suppress(ConnectionError):
-                    await ws.send(bytes([ERROR]) + exit_status(0))
+                    await chans.send(ERROR, exit_status(0))
         finally:
             follower.cancel()
             reader.cancel()
             await asyncio.gather(follower, reader, return_exceptions=True)
 
-    async def _attach_input(self, ws: WebSocket, task: Process, tty: bool) -> None:
-        while (msg := await ws.recv()) is not None:
-            op, data = msg
-            if op == BINARY and data[:1] == bytes([RESIZE]) and tty:
-                await _resize(data[1:], task.resize)
+    async def _attach_input(self, chans: Channels, task: Process, tty: bool) -> None:
+        while (msg := await chans.recv()) is not None:
+            if msg[0] == RESIZE and tty:
+                await _resize(msg[1], task.resize)
 
-    async def _follow_log(self, ws: WebSocket, c: CRIContainer, req: api_pb2.AttachRequest) -> None:
+    async def _follow_log(
+        self, chans: Channels, c: CRIContainer, req: api_pb2.AttachRequest
+    ) -> None:
         """Send what the container writes to its log from now on, until it exits."""
         path = c.meta.log_path
         if not path:
@@ -360,7 +439,7 @@ class StreamServer:
                     lines = (partial + data).split(b"\n")
                     partial = lines.pop()
                     for line in lines:
-                        await _send_log_line(ws, line, req)
+                        await _send_log_line(chans, line, req)
                 elif exited:
                     return
                 else:
@@ -370,43 +449,8 @@ class StreamServer:
 
     # ------------------------------------------------------------------ port forward
 
-    async def _port_forward(
-        self, ws: WebSocket, http: HTTPRequest, req: api_pb2.PortForwardRequest
-    ) -> None:
-        sb = self.rt.sandbox(req.pod_sandbox_id)
-        ports = _query_ports(http.query.get("port", [])) or list(req.port)
-        if not ports:
-            raise InvalidArgument("no port to forward")
-        writers: dict[int, asyncio.StreamWriter] = {}
-        copiers: list[asyncio.Task[None]] = []
-        try:
-            for i, port in enumerate(ports):
-                prefix = struct.pack("<H", port)
-                await ws.send(bytes([2 * i]) + prefix)
-                await ws.send(bytes([2 * i + 1]) + prefix)
-                try:
-                    r, w = await _connect_in(sb.meta.netns, port)
-                except OSError as exc:
-                    msg = f"failed to connect to localhost:{port} in pod {sb.meta.id}: {exc}"
-                    await ws.send(bytes([2 * i + 1]) + msg.encode())
-                    continue
-                writers[2 * i] = w
-                copiers.append(asyncio.create_task(_copy_out(r, ws, 2 * i)))
-            if not copiers:
-                return
-            inbound = asyncio.create_task(_copy_in(ws, writers))
-            copiers_done = asyncio.create_task(_gather(copiers))
-            try:
-                await asyncio.wait({inbound, copiers_done}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                inbound.cancel()
-                copiers_done.cancel()
-                await asyncio.gather(inbound, copiers_done, return_exceptions=True)
-        finally:
-            for t in copiers:
-                t.cancel()
-            for w in writers.values():
-                w.close()
+
+# ---------------------------------------------------------------------- transports
 
 
 # ---------------------------------------------------------------------- helpers
@@ -419,17 +463,16 @@ def _check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> None:
         raise InvalidArgument("a tty merges stderr into stdout: ask for stdout")
 
 
-async def _hello(ws: WebSocket, stdout: bool, stderr: bool) -> None:
-    """An empty message on the lowest output channel, as kubelet's server sends, so the
-    client knows the streams are up."""
-    ch = STDOUT if stdout else STDERR if stderr else ERROR
-    await ws.send(bytes([ch]))
+async def _hello(chans: Channels, stdout: bool, stderr: bool) -> None:
+    """An empty message on the lowest output channel, as kubelet's server sends, so a
+    WebSocket client knows the streams are up (SPDY needs no such thing)."""
+    await chans.send(STDOUT if stdout else STDERR if stderr else ERROR, b"")
 
 
-def _sink(ws: WebSocket, channel: int) -> Callable[[bytes], Awaitable[None]]:
+def _sink(chans: Channels, channel: int) -> Callable[[bytes], Awaitable[None]]:
     async def send(chunk: bytes) -> None:
         with contextlib.suppress(ConnectionError):
-            await ws.send(bytes([channel]) + chunk)
+            await chans.send(channel, chunk)
 
     return send
 
@@ -449,7 +492,7 @@ async def _close_stdin(proc: Process) -> None:
         await proc.close_stdin()
 
 
-async def _send_log_line(ws: WebSocket, line: bytes, req: api_pb2.AttachRequest) -> None:
+async def _send_log_line(chans: Channels, line: bytes, req: api_pb2.AttachRequest) -> None:
     # <RFC3339Nano> <stream> <P|F> <content>; F ends a line, P is part of a long one. With
     # a tty there is only stdout.
     fields = line.split(b" ", 3)
@@ -460,9 +503,9 @@ async def _send_log_line(ws: WebSocket, line: bytes, req: api_pb2.AttachRequest)
     if tag == b"F":
         content += b"\n"
     if stream == b"stdout" and req.stdout:
-        await ws.send(bytes([STDOUT]) + content)
+        await chans.send(STDOUT, content)
     elif stream == b"stderr" and req.stderr:
-        await ws.send(bytes([STDERR]) + content)
+        await chans.send(STDERR, content)
 
 
 async def _resize(body: bytes, resize: Callable[[int, int], Awaitable[None]]) -> None:
@@ -484,64 +527,3 @@ def _open_log(path: str, at_end: bool) -> BinaryIO | None:
     if at_end:
         f.seek(0, os.SEEK_END)
     return f
-
-
-def _query_ports(values: list[str]) -> list[int]:
-    ports: list[int] = []
-    for v in values:
-        for item in v.split(","):
-            if not item.strip():
-                continue
-            try:
-                p = int(item)
-            except ValueError:
-                raise InvalidArgument(f"invalid port {item!r}") from None
-            if not 0 < p < 65536:
-                raise InvalidArgument(f"invalid port {p}")
-            ports.append(p)
-    return ports
-
-
-async def _connect_in(netns: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TCP connection to 127.0.0.1:``port`` inside ``netns`` (host network if empty).
-
-    The socket is made and connected on a thread inside the namespace; it stays bound to
-    that namespace after the thread has left, so the loop can drive it from here.
-    """
-
-    def connect() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.settimeout(10)
-            s.connect(("127.0.0.1", port))
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
-        return s
-
-    try:
-        sock = await (run_in_netns(netns, connect) if netns else asyncio.to_thread(connect))
-    except NotFound as exc:
-        raise OSError(str(exc)) from exc
-    return await asyncio.open_connection(sock=sock)
-
-
-async def _copy_out(r: asyncio.StreamReader, ws: WebSocket, channel: int) -> None:
-    while chunk := await r.read(1 << 16):
-        await ws.send(bytes([channel]) + chunk)
-
-
-async def _gather(tasks: list[asyncio.Task[None]]) -> None:
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _copy_in(ws: WebSocket, writers: dict[int, asyncio.StreamWriter]) -> None:
-    while (msg := await ws.recv()) is not None:
-        op, data = msg
-        if op != BINARY or len(data) < 2:
-            continue
-        w = writers.get(data[0])
-        if w is not None:
-            w.write(data[1:])
-            await w.drain()
