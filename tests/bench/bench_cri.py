@@ -39,6 +39,7 @@ import grpc.aio
 from pyroute2 import IPRoute
 
 from pycontainerd.api.cri.runtime.v1 import api_pb2, api_pb2_grpc
+from tests.bench.bench_core import QuietDaemon
 from tests.network.conftest import _pick_subnet
 from tests.support.containerd import CONTAINERD, Containerd
 from tests.support.daemon import CTR, Daemon
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         s for s in (_pick_subnet(pid + 211 + k) for k in range(8)) if not s.overlaps(taken)
     )
     theirs_net = (f"ctdb{pid % 100000}", str(theirs_subnet))
-    ours_d = Daemon(config=ours_config(*ours_net))
+    # At containerd's log level (warn): the tests' debug logging costs CPU per request.
+    ours_d = QuietDaemon(config=ours_config(*ours_net))
     theirs_d: ContainerdCRI | None = None
     results: dict[str, dict[str, float]] = {}
     try:
