@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pycontainerd.cri.options import CRIConfig
 from pycontainerd.events.exchange import Exchange
@@ -39,20 +39,25 @@ class LazyCRI:
         self._exchange = ic.get(PluginType.EVENT, Exchange)
         self._service: Any = None
         self._ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # The daemon's gRPC server, handed over by register(): the CRI's client calls it
+        # in-process (grpc.local) rather than through the socket.
+        self._server: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._task = asyncio.get_running_loop().create_task(self._load(), name="cri-load")
 
     async def _load(self) -> None:
         try:
             await asyncio.to_thread(importlib.import_module, "pycontainerd.cri.servicer")
-            self._service = self._build()
+            self._service = self._build(await self._server)
             self._ready.set_result(self._service)
         except Exception as exc:
             log.exception("CRI plugin failed to load")
             self._ready.set_exception(exc)
 
-    def _build(self) -> Any:
+    def _build(self, server: Any) -> Any:
         from pycontainerd.cri.runtime import CRIRuntime
         from pycontainerd.cri.servicer import CRIService
+        from pycontainerd.grpc.local import LocalChannel
+        from pycontainerd.grpc.transport import Server
         from pycontainerd.network import NetworkManager
 
         ic = self._ic
@@ -73,6 +78,11 @@ class LazyCRI:
             state=ic.state,
             exchange=self._exchange,
             network=network,
+            # A grpc.aio server (tests that register the plugin on one) keeps the socket.
+            # (LocalChannel has the parts of grpc.aio.Channel the SDK uses.)
+            channel=cast("grpc.aio.Channel", LocalChannel(server))
+            if isinstance(server, Server)
+            else None,
         )
         # Subscribes to task events now; recovery waits until the daemon serves its socket.
         rt.start()
@@ -84,6 +94,9 @@ class LazyCRI:
 
     def register(self, server: grpc.aio.Server) -> None:
         from pycontainerd.api.cri.runtime.v1 import api_pb2_grpc
+
+        if not self._server.done():
+            self._server.set_result(server)
 
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(_Proxy(self, "runtime"), server)  # type: ignore[arg-type]
         api_pb2_grpc.add_ImageServiceServicer_to_server(_Proxy(self, "images"), server)  # type: ignore[arg-type]

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine
     from pathlib import Path
 
+    import grpc.aio
+
     from pycontainerd.cri.options import CRIConfig
     from pycontainerd.events.exchange import Exchange
     from pycontainerd.network import NetworkManager
@@ -110,9 +112,11 @@ class CRIRuntime:
         state: Path,
         exchange: Exchange,
         network: NetworkManager,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.cfg = cfg
-        self.client = Client(address, NAMESPACE)
+        # In the daemon: an in-process channel (grpc.local), not a socket round trip.
+        self.client = Client(address, NAMESPACE, channel=channel)
         self.root = root
         self.state = state
         self.network = network

@@ -46,9 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Server", "ServicerContext"]
+__all__ = ["STREAMING_KINDS", "Server", "ServicerContext"]
 
 _UNARY_UNARY, _UNARY_STREAM, _STREAM_UNARY, _STREAM_STREAM = range(4)
+# The RPC kinds (first item of an ``Rpc``) whose responses are a stream.
+STREAMING_KINDS = frozenset({_UNARY_STREAM, _STREAM_STREAM})
 # Complete request messages a handler has not taken yet, beyond which credit is held back.
 QUEUED_LIMIT = 1 << 20
 # Stream credit goes back in WINDOW_UPDATEs of at least this size (below the window, so a
