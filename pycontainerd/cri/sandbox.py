@@ -47,6 +47,7 @@ from pycontainerd.cri.store import (
     unmount_shm,
 )
 from pycontainerd.errdefs import InvalidArgument, NotFound, PycdError
+from pycontainerd.grpc.transport import Wire, encode_field
 from pycontainerd.network import PortMapping
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ def _prepare_host(
 class SandboxService:
     def __init__(self, rt: CRIRuntime) -> None:
         self.rt = rt
+        # Sandbox id -> (state, its ListPodSandboxResponse entry in wire form).
+        self._wire: dict[str, tuple[int, bytes]] = {}
 
     # ------------------------------------------------------------------ run
 
@@ -309,21 +312,30 @@ class SandboxService:
             )
         return api_pb2.PodSandboxStatusResponse(status=status, info=info)
 
-    async def list_sandboxes(self, f: api_pb2.PodSandboxFilter | None) -> list[api_pb2.PodSandbox]:
+    async def list_sandboxes(self, f: api_pb2.PodSandboxFilter | None) -> Wire:
+        """The ``ListPodSandboxResponse`` for filter ``f``, in wire form (each pod's
+        entry encoded once per state, as ``ContainerService.list_containers`` does)."""
         rt = self.rt
         await rt.ready()
+        old, cache = self._wire, {}
         out = []
         for sb in list(rt.sandboxes.values()):
-            pb = self._pb(sb)
+            state = api_pb2.SANDBOX_READY if sb.ready else api_pb2.SANDBOX_NOTREADY
+            hit = old.get(sb.meta.id)
+            if hit is None or hit[0] != state:
+                hit = (state, encode_field(1, self._pb(sb).SerializeToString()))
+            cache[sb.meta.id] = hit
             if f is not None:
                 if f.id and not sb.meta.id.startswith(f.id):
                     continue
-                if f.HasField("state") and pb.state != f.state.state:
+                if f.HasField("state") and state != f.state.state:
                     continue
-                if any(pb.labels.get(k) != v for k, v in f.label_selector.items()):
+                labels = sb.meta.config_pb().labels
+                if any(labels.get(k) != v for k, v in f.label_selector.items()):
                     continue
-            out.append(pb)
-        return out
+            out.append(hit[1])
+        self._wire = cache
+        return Wire(b"".join(out))
 
 
 async def _kill_and_wait(rt: CRIRuntime, sb: Sandbox) -> None:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from pycontainerd.cri.images import ImageInfo
     from pycontainerd.cri.runtime import ContainerEvent, CRIRuntime
+    from pycontainerd.grpc.transport import Wire
 
 __all__ = ["CRIService", "ImageServicer", "RuntimeServicer"]
 
@@ -82,11 +83,12 @@ class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):
     ) -> api_pb2.PodSandboxStatusResponse:
         return await self.sandboxes.status(request.pod_sandbox_id, request.verbose)
 
-    async def ListPodSandbox(
+    # Answers in wire form (transport.Wire), which the stubs' types cannot express.
+    async def ListPodSandbox(  # type: ignore[override]
         self, request: api_pb2.ListPodSandboxRequest, context: Ctx
-    ) -> api_pb2.ListPodSandboxResponse:
+    ) -> api_pb2.ListPodSandboxResponse | Wire:
         f = request.filter if request.HasField("filter") else None
-        return api_pb2.ListPodSandboxResponse(items=await self.sandboxes.list_sandboxes(f))
+        return await self.sandboxes.list_sandboxes(f)
 
     async def CreateContainer(
         self, request: api_pb2.CreateContainerRequest, context: Ctx
@@ -112,11 +114,12 @@ class RuntimeServicer(api_pb2_grpc.RuntimeServiceServicer):
         await self.containers.remove(request.container_id)
         return api_pb2.RemoveContainerResponse()
 
-    async def ListContainers(
+    # Answers in wire form (transport.Wire), which the stubs' types cannot express.
+    async def ListContainers(  # type: ignore[override]
         self, request: api_pb2.ListContainersRequest, context: Ctx
-    ) -> api_pb2.ListContainersResponse:
+    ) -> api_pb2.ListContainersResponse | Wire:
         f = request.filter if request.HasField("filter") else None
-        return api_pb2.ListContainersResponse(containers=await self.containers.list_containers(f))
+        return await self.containers.list_containers(f)
 
     async def ContainerStatus(
         self, request: api_pb2.ContainerStatusRequest, context: Ctx

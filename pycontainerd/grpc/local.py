@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from pycontainerd.grpc.transport import STREAMING_KINDS, Server
+from pycontainerd.grpc.transport import STREAMING_KINDS, Server, Wire
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Generator, Iterable
@@ -53,7 +53,7 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 def _copy(msg: Any, ser: Serializer, des: Deserializer) -> Any:
-    wire = ser(msg) if ser is not None else msg
+    wire = msg if ser is None or type(msg) is Wire else ser(msg)
     return des(wire) if des is not None else wire
 
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STREAMING_KINDS", "Server", "ServicerContext"]
+__all__ = ["STREAMING_KINDS", "Server", "ServicerContext", "Wire", "encode_field"]
 
 _UNARY_UNARY, _UNARY_STREAM, _STREAM_UNARY, _STREAM_STREAM = range(4)
 # The RPC kinds (first item of an ``Rpc``) whose responses are a stream.
@@ -87,6 +87,29 @@ def _trailers_block(code: grpc.StatusCode, details: str, trailing: Metadata) -> 
         quoted = urllib.parse.quote(details, safe=" !#$&'()*+,/:;=?@[]~").encode()
         block += hpack_literal(b"grpc-message", quoted)
     return block + _metadata_block(trailing)
+
+
+class Wire(bytes):
+    """A response message already in wire form, sent as is.
+
+    For list answers assembled from per-item encodings a service caches (CRI's
+    ListContainers builds a hundred messages per call otherwise); the bytes must be a
+    valid encoding of the method's response type.
+    """
+
+    __slots__ = ()
+
+
+def encode_field(number: int, body: bytes) -> bytes:
+    """``body`` as length-delimited field ``number`` (a repeated message's element)."""
+    out = bytearray()
+    key = (number << 3) | 2
+    for value in (key, len(body)):
+        while value > 0x7F:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + body
 
 
 class _Abort(Exception):
@@ -649,7 +672,7 @@ class Server:
             if kind in (_UNARY_UNARY, _STREAM_UNARY):
                 response = await behavior(req, ctx)
                 if response is not None and not s.finished:
-                    s.queue(ser(response) if ser is not None else response)
+                    s.queue(response if ser is None or type(response) is Wire else ser(response))
             else:
                 await self._drain_responses(s, behavior(req, ctx), ser)
             s.finish(ctx._code or _OK, ctx._details)
@@ -685,7 +708,7 @@ class Server:
             return  # a behaviour that wrote through context.write and returned
         if hasattr(gen, "__aiter__"):
             async for item in gen:
-                s.queue(ser(item) if ser is not None else item)
+                s.queue(item if ser is None or type(item) is Wire else ser(item))
                 if s.out_size > STREAM_HIGH_WATER or s.conn.paused:
                     await s.conn.drained(s)
         else:

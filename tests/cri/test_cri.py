@@ -375,3 +375,52 @@ async def test_security_context(cri: CRI, tmp_path: Path) -> None:
         assert lines[3] == "ro"
     finally:
         await remove_pod(cri, pod)
+
+
+async def test_lists_follow_state_and_filters(cri: CRI, tmp_path: Path) -> None:
+    """List answers are cached per item and state: every change of state shows, and the
+    filters (id prefix, pod, state, labels) select from the current states."""
+    pod_cfg = pod_config("lister", tmp_path, labels={"tier": "list"})
+    pod = await run_pod(cri, pod_cfg)
+    try:
+        quick = await start_container(
+            cri, pod, pod_cfg, container_config("quick", ["true"], labels={"role": "a"})
+        )
+        slow = await start_container(
+            cri, pod, pod_cfg, container_config("slow", ["sleep", "1000"], labels={"role": "b"})
+        )
+        await wait_exited(cri, quick)
+
+        async def ids(**flt: Any) -> set[str]:
+            req = api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter(**flt))
+            return {c.id for c in (await cri.runtime.ListContainers(req)).containers}
+
+        exited = api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_EXITED)
+        running = api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_RUNNING)
+        assert await ids(pod_sandbox_id=pod) == {quick, slow}
+        assert await ids(pod_sandbox_id=pod, state=exited) == {quick}
+        assert await ids(pod_sandbox_id=pod, state=running) == {slow}
+        assert await ids(label_selector={"role": "b"}) == {slow}
+        assert await ids(id=slow[:12]) == {slow}
+        await cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=slow, timeout=1))
+        assert await ids(pod_sandbox_id=pod, state=exited) == {quick, slow}
+        listed = await cri.runtime.ListContainers(api_pb2.ListContainersRequest())
+        [entry] = [c for c in listed.containers if c.id == slow]
+        assert entry.state == api_pb2.CONTAINER_EXITED
+        assert entry.labels["role"] == "b"
+        assert entry.metadata.name == "slow"
+        ready = api_pb2.PodSandboxStateValue(state=api_pb2.SANDBOX_READY)
+        pods = await cri.runtime.ListPodSandbox(
+            api_pb2.ListPodSandboxRequest(filter=api_pb2.PodSandboxFilter(state=ready))
+        )
+        assert pod in {p.id for p in pods.items}
+        await cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod))
+        pods = await cri.runtime.ListPodSandbox(
+            api_pb2.ListPodSandboxRequest(filter=api_pb2.PodSandboxFilter(state=ready))
+        )
+        assert pod not in {p.id for p in pods.items}
+    finally:
+        await remove_pod(cri, pod)
+    assert pod not in {
+        p.id for p in (await cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items
+    }
