@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pycontainerd import identifiers
 from pycontainerd.errdefs import AlreadyExists, InvalidArgument, NotFound, PycdError
@@ -351,14 +351,26 @@ class NetworkManager:
             await asyncio.to_thread(self.records.put, rec)
             rt_args = tuple(args)
             try:
-                await self.runner.add_list(
-                    _loopback_conflist(), RuntimeConf(id, netns_path, "lo", rt_args)
-                )
+                # lo and the network's interface are independent: their plugins run at
+                # the same time (go-cni's Setup does the same for containerd's CRI).
+                adds = [
+                    self.runner.add_list(
+                        _loopback_conflist(), RuntimeConf(id, netns_path, "lo", rt_args)
+                    )
+                ]
+                if conf is not None:
+                    adds.append(
+                        self.runner.add_list(
+                            conf, RuntimeConf(id, netns_path, self.ifname, rt_args, caps)
+                        )
+                    )
+                done = await asyncio.gather(*adds, return_exceptions=True)
+                for outcome in done:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
                 raw: dict[str, Any] | None = None
                 if conf is not None:
-                    raw = await self.runner.add_list(
-                        conf, RuntimeConf(id, netns_path, self.ifname, rt_args, caps)
-                    )
+                    raw = cast("dict[str, Any]", done[1])
                 rec.result = raw
                 await asyncio.to_thread(self.records.put, rec)
             except BaseException:
