@@ -1,7 +1,7 @@
 """Registration of the CRI plugin (``io.containerd.grpc.v1.cri``): Kubernetes' runtime and
 image services on the daemon's own socket, over the daemon's stores in namespace k8s.io.
 
-The implementation (the SDK, CNI, pyroute2, ~0.2 s of imports) is loaded in a worker
+The implementation (the SDK, CNI, the streaming servers, ~0.2 s of imports) is loaded in a worker
 thread once the daemon starts, not while it boots: the daemon answers its first RPC in
 the time containerd's users expect, and a CRI call that arrives before the load finishes
 waits for it.

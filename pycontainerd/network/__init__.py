@@ -2,9 +2,10 @@
 
 ``NetworkManager`` is the entry point: ``create_netns`` → ``setup`` (returns the IPs) →
 … → ``teardown`` → ``remove_netns``, and ``reclaim`` at start-up to release what a
-crashed daemon left behind. ``netns`` holds the namespace helpers (pyroute2), ``cni``
-runs plugins per the CNI spec, ``portmap`` converts published ports, ``allocations``
-is the on-disk state. Needs the ``containernetworking-plugins`` package (``/usr/lib/cni``).
+crashed daemon left behind. ``netns`` holds the namespace helpers (unshare and bind
+mounts, in-process), ``cni`` runs plugins per the CNI spec, ``portmap`` converts
+published ports, ``allocations`` is the on-disk state. Needs the
+``containernetworking-plugins`` package (``/usr/lib/cni``).
 """
 
 from __future__ import annotations

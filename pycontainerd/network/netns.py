@@ -1,21 +1,23 @@
 """Named network namespaces, bind-mounted as files under one directory.
 
 A namespace lives as long as something holds it: a process inside it, an open fd, or a
-bind mount of ``/proc/<pid>/ns/net`` on a file. We keep each one as a bind mount at
+bind mount of an ``ns/net`` file on a file. We keep each one as a bind mount at
 ``<dir>/<name>`` (like ``ip netns``, but in our own directory, ``/run/pycontainerd/netns``
-by default, so our names never clash with the admin's ``/var/run/netns``). pyroute2 does
-the unshare and the mount in a forked child, so the calling thread never changes
-namespace; code that must run *inside* a namespace goes through :func:`run_in_netns`,
-which enters it from a thread of its own that ends right after.
+by default, so our names never clash with the admin's ``/var/run/netns``). Creation
+happens in-process, as containerd does it: a fresh thread unshares ``CLONE_NEWNET``
+(which moves only that thread), bind-mounts its own ``ns/net`` on the file, switches
+back and ends. No child process is forked and pyroute2 is not imported. Code that must
+run *inside* a namespace goes through :func:`run_in_netns`, which enters it from a thread
+of its own that also ends right after, so no pooled thread ever changes namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -40,14 +42,46 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NETNS_DIR = Path("/run/pycontainerd/netns")
 _MNT_DETACH = 2
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_SHARED = 1 << 20
 _NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 _CLONE_NEWNET = 0x40000000
+
+# Directories this process has already made shared mount points, so each pays the two
+# mount calls once, not per namespace; only unmount_netns_dir undoes it.
+_shared_dirs: set[str] = set()
+_shared_lock = threading.Lock()
+
+# Paths being created right now. The stale-file clean-up in create must not mistake a
+# concurrent create's fresh, still unbound file for a leftover and unlink it: the two
+# would then both bind on the name, stacked.
+_creating: set[Path] = set()
+_creating_lock = threading.Lock()
 
 T = TypeVar("T")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL("libc.so.6", use_errno=True)
+    # One handle for the process: ctypes keeps errno per thread, so sharing it is safe.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+    ]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
+
+
+def _errno_error(what: str, path: str | os.PathLike[str]) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}", os.fspath(path))
 
 
 def _netns_file_kind(path: Path) -> str | None:
@@ -78,7 +112,7 @@ def _remove_sync(path: Path) -> bool:
         return False
     # MNT_DETACH: a process still inside keeps the namespace alive, as the kernel intends;
     # the name is gone either way, so the path can be reused at once.
-    if _libc().umount2(str(path).encode(), _MNT_DETACH) != 0:
+    if _libc().umount2(os.fsencode(path), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             raise OSError(err, os.strerror(err), str(path))
@@ -87,6 +121,69 @@ def _remove_sync(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _share_dir(directory: Path) -> None:
+    """Make ``directory`` a shared mount point, as iproute2 (and pyroute2) do.
+
+    The namespace binds then propagate into mount namespaces copied from ours later on
+    (a container that gets the directory, ``unshare -m --propagation unchanged``), and
+    their unmounts propagate too. A directory that is no mount point yet is first bound
+    on itself, because only a mount point has a propagation type.
+    """
+    key = os.fspath(directory.resolve())
+    with _shared_lock:
+        # Under the lock, so concurrent first creates do not stack several self binds.
+        if key in _shared_dirs:
+            return
+        libc = _libc()
+        target = os.fsencode(key)
+        if libc.mount(b"none", target, None, _MS_SHARED | _MS_REC, None) != 0:
+            if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point
+                raise _errno_error("make shared", key)
+            if libc.mount(target, target, None, _MS_BIND | _MS_REC, None) != 0:
+                raise _errno_error("bind on itself", key)
+            if libc.mount(b"none", target, None, _MS_SHARED | _MS_REC, None) != 0:
+                raise _errno_error("make shared", key)
+        _shared_dirs.add(key)
+
+
+def _bind_new_netns(path: Path) -> None:
+    """Bind a brand-new network namespace on the existing file ``path``.
+
+    Runs on a thread started for this call alone: unshare(2) moves only the calling
+    thread, which switches back with setns(2) before it ends. Should that switch fail,
+    the thread still ends right after, so nothing else ever runs in the new namespace.
+    Raises OSError (with errno) from whichever step failed.
+    """
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            libc = _libc()
+            # The thread's own entry: /proc/self/ns/net is the main thread's namespace.
+            own = f"/proc/self/task/{threading.get_native_id()}/ns/net"
+            orig = os.open(own, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.unshare(_CLONE_NEWNET) != 0:
+                    raise _errno_error("unshare(CLONE_NEWNET)", path)
+                try:
+                    if libc.mount(os.fsencode(own), os.fsencode(path), None, _MS_BIND, None):
+                        raise _errno_error("bind-mount namespace", path)
+                finally:
+                    if libc.setns(orig, _CLONE_NEWNET) != 0:
+                        # Reported, and the caller undoes the mount: all or nothing.
+                        failure.append(_errno_error("setns back to the original", path))
+            finally:
+                os.close(orig)
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=body, name="pcd-netns-create", daemon=True)
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
 
 
 class NetnsStore:
@@ -103,12 +200,32 @@ class NetnsStore:
         return self.directory / identifiers.validate(name)
 
     async def create(self, name: str) -> Path:
-        """Create namespace ``name`` with only ``lo`` (down); AlreadyExists when taken."""
+        """Create namespace ``name`` with only ``lo`` (down) and return its path.
+
+        Raises AlreadyExists when the name is taken, PycdError when a syscall fails
+        (with the OSError as its cause); a failure leaves no file behind.
+        """
         path = self.path(name)
         return await asyncio.to_thread(self._create_sync, path)
 
     def _create_sync(self, path: Path) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _share_dir(self.directory)
+        except OSError as exc:
+            raise PycdError(f"prepare network namespace directory {self.directory}: {exc}") from exc
+        key = path.resolve()
+        with _creating_lock:
+            if key in _creating:
+                raise AlreadyExists(f"network namespace {path.name!r}")
+            _creating.add(key)
+        try:
+            return self._create_claimed(path)
+        finally:
+            with _creating_lock:
+                _creating.discard(key)
+
+    def _create_claimed(self, path: Path) -> Path:
         kind = _netns_file_kind(path)
         if kind == "net":
             raise AlreadyExists(f"network namespace {path.name!r}")
@@ -117,16 +234,16 @@ class NetnsStore:
             # a crash mid-create): the name is free again.
             _remove_sync(path)
         try:
-            # pyroute2 forks a child that unshares CLONE_NEWNET and bind-mounts its
-            # /proc/self/ns/net on the path; the directory itself becomes a shared mount
-            # point (as iproute2 does) so the bind propagates into other mount namespaces.
-            from pyroute2 import netns as pr_netns  # imported on use: ~120 ms
-
-            pr_netns.create(str(path))
+            # O_EXCL: of two concurrent creates of one name, exactly one gets the file.
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
         except FileExistsError as exc:
             raise AlreadyExists(f"network namespace {path.name!r}") from exc
+        except OSError as exc:
+            raise PycdError(f"create network namespace {path}: {exc}") from exc
+        try:
+            _bind_new_netns(path)
         except Exception as exc:
-            # A failure after the mount point was made leaves an empty file behind.
+            # The file is ours (O_EXCL), so removing it cannot hit someone else's.
             _remove_sync(path)
             raise PycdError(f"create network namespace {path}: {exc}") from exc
         return path
@@ -158,12 +275,43 @@ class NetnsStore:
         return kind == "net"
 
 
+def _call_in_netns(path: str | os.PathLike[str], fn: Callable[[], T]) -> T:
+    """On a thread of its own: enter namespace ``path``, call ``fn``, switch back."""
+    libc = _libc()
+    orig = os.open(
+        f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC
+    )
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise NotFound(f"network namespace {os.fspath(path)!r}") from exc
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = _errno_error("setns", path)
+                if err.errno == errno.EINVAL:  # an ordinary file, or another ns type
+                    raise NotFound(f"network namespace {os.fspath(path)!r}") from err
+                raise err
+        finally:
+            os.close(fd)
+        try:
+            return fn()
+        finally:
+            # Back before the result is handed over: Thread.join (and the caller's await)
+            # return a moment before the OS thread is gone, and it must not linger inside.
+            if libc.setns(orig, _CLONE_NEWNET) != 0:
+                log.error("netns %s: setns back failed: %s", path, _errno_error("setns", path))
+    finally:
+        os.close(orig)
+
+
 async def run_in_netns(path: str | os.PathLike[str], fn: Callable[[], T]) -> T:
     """Run the blocking ``fn`` inside namespace ``path`` and return its result.
 
-    The call happens on a fresh thread that enters the namespace with setns(2) and then
-    ends, so no pooled thread (and never the event loop's) is left in a foreign namespace.
-    Raises NotFound when ``path`` is no namespace.
+    The call happens on a fresh thread that enters the namespace with setns(2), switches
+    back before handing the result over, and ends, so no pooled thread (and never the
+    event loop's) is ever in a foreign namespace. Raises NotFound when ``path`` is no
+    namespace, and whatever ``fn`` raises.
     """
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
@@ -179,17 +327,7 @@ async def run_in_netns(path: str | os.PathLike[str], fn: Callable[[], T]) -> T:
 
     def body() -> None:
         try:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError as exc:
-                raise NotFound(f"network namespace {os.fspath(path)!r}") from exc
-            try:
-                from pyroute2 import netns as pr_netns
-
-                pr_netns.setns(fd)
-            finally:
-                os.close(fd)
-            result = fn()
+            result = _call_in_netns(path, fn)
         except BaseException as exc:
             loop.call_soon_threadsafe(deliver, False, exc)
         else:
@@ -202,17 +340,19 @@ async def run_in_netns(path: str | os.PathLike[str], fn: Callable[[], T]) -> T:
 def unmount_netns_dir(directory: str | os.PathLike[str]) -> None:
     """Remove every namespace under ``directory`` and undo its self bind mount.
 
-    For tests and tear-down of a throw-away directory: pyroute2 turns the directory into
-    a shared mount point of its own, which keeps it busy until it is unmounted.
+    For tests and tear-down of a throw-away directory: creating a namespace turns the
+    directory into a shared mount point of its own, which keeps it busy until unmounted.
     """
     d = Path(directory)
     if not d.is_dir():
         return
     for name in os.listdir(d):
         _remove_sync(d / name)
-    libc = _libc()
-    # The directory may be bind-mounted on itself more than once (one per create that
-    # found it unshared); unmount until the kernel says it is no mount point.
-    for _ in range(8):
-        if libc.umount2(str(d).encode(), _MNT_DETACH) != 0:
-            break
+    with _shared_lock:
+        _shared_dirs.discard(os.fspath(d.resolve()))
+        libc = _libc()
+        # Older code (pyroute2) bound the directory on itself once per create that found
+        # it unshared; unmount until the kernel says it is no mount point.
+        for _ in range(8):
+            if libc.umount2(os.fsencode(d), _MNT_DETACH) != 0:
+                break
