@@ -11,6 +11,11 @@ turns the bytes into CRI log records
 MAX_LINE or cut off by EOF — and exits when every stream reaches EOF, which is when the
 container's processes have all closed it. SIGUSR1 reopens the log file (ReopenContainerLog,
 after kubelet rotated it).
+
+The daemon normally does not start this module per container: a resident fork server
+(``pycontainerd.cri.logserver``, also started as ``python -m pycontainerd.cri.logwriter
+--serve SOCKET``) forks a child that calls :func:`run` instead; spawning this module
+directly is the fallback when that server cannot be had.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import signal
 import sys
 import time
 
-__all__ = ["LineSplitter", "format_record", "main", "rfc3339nano"]
+__all__ = ["LineSplitter", "format_record", "main", "rfc3339nano", "run"]
 
 DEFAULT_MAX_LINE = 16384
 _CHUNK = 65536
@@ -134,8 +139,16 @@ def run(log_path: str, fifos: list[tuple[str, int]], max_line: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--serve"]:
+        from pycontainerd.cri import logserver
+
+        return logserver.main(argv[1:])
     if len(argv) < 3:
-        print("usage: logwriter LOG_PATH MAX_LINE STDOUT_FD [STDERR_FD]", file=sys.stderr)
+        print(
+            "usage: logwriter LOG_PATH MAX_LINE STDOUT_FD [STDERR_FD]\n"
+            "       logwriter --serve SOCKET [--idle-exit SECONDS]",
+            file=sys.stderr,
+        )
         return 2
     log_path, max_line = argv[0], int(argv[1])
     fifos = [("stdout", int(argv[2]))]

@@ -30,6 +30,7 @@ from pycontainerd.api.services.containers.v1 import containers_pb2
 from pycontainerd.api.services.tasks.v1 import tasks_pb2
 from pycontainerd.api.types.task import task_pb2
 from pycontainerd.client import Client
+from pycontainerd.cri import logserver
 from pycontainerd.cri.images import ImageCatalog
 from pycontainerd.cri.spec import OomPolicy
 from pycontainerd.cri.store import (
@@ -66,6 +67,11 @@ NAMESPACE = "k8s.io"
 UNKNOWN_EXIT_CODE = 255
 # Container events a GetContainerEvents stream may have pending before it is cut off.
 EVENT_BACKLOG = 1024
+# The log writers' fork server, under the plugin's state dir. It outlives the daemon (as
+# the writers do) and exits by itself once idle; see ``logserver``.
+LOG_SERVER_SOCKET = "logsrv.sock"
+# Set to 0 to spawn one interpreter per log writer instead of using the log server.
+ENV_LOG_SERVER = "PYCONTAINERD_CRI_LOG_SERVER"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +137,7 @@ class CRIRuntime:
         self._ready = asyncio.Event()
         self._failed: BaseException | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Writers spawned by the daemon itself (log server fallback), until reaped.
         self._log_writers: set[asyncio.subprocess.Process] = set()
         self._event_queues: set[EventQueue] = set()
 
@@ -360,12 +367,19 @@ class CRIRuntime:
     # ------------------------------------------------------------------ log writers
 
     async def start_log_writer(self, c: CRIContainer, stdout: str, stderr: str) -> int:
-        """Spawn the detached log writer for ``c``'s FIFOs; its pid.
+        """Start the detached log writer for ``c``'s FIFOs; its pid.
 
-        The read ends are opened here, before the task exists, and inherited: the shim's
-        writer can then come and go at any time without output being lost.
+        The read ends are opened here, before the task exists, and handed to the writer:
+        the shim's writer can then come and go at any time without output being lost.
+        Normally the log server (``logserver``, started on first use under our state dir
+        and reused across daemon restarts) forks the writer, so the daemon is not its
+        parent; only when the server cannot be had is the writer spawned from here, and
+        then reaped here (``_log_writers``). Either way a container gets its own writer.
         """
-        fds = await asyncio.to_thread(_open_readers, [p for p in (stdout, stderr) if p])
+        fifos = [(name, p) for name, p in (("stdout", stdout), ("stderr", stderr)) if p]
+        pid, fds = await asyncio.to_thread(self._start_log_writer_sync, c.meta.log_path, fifos)
+        if pid:
+            return pid
         try:
             args = [
                 sys.executable, "-m", "pycontainerd.cri.logwriter", c.meta.log_path,
@@ -385,6 +399,37 @@ class CRIRuntime:
         self._log_writers.add(proc)
         self.spawn(self._reap(proc))
         return proc.pid
+
+    def _start_log_writer_sync(
+        self, log_path: str, fifos: list[tuple[str, str]]
+    ) -> tuple[int, list[int]]:
+        """Open the read ends and have the log server fork a writer for them: ``(pid,
+        [])``; or ``(0, fds)`` when the server could not be had (the caller spawns the
+        writer and closes the fds)."""
+        fds = _open_readers([p for _, p in fifos])
+        sock = str(self.state / LOG_SERVER_SOCKET)
+        if (
+            os.environ.get(ENV_LOG_SERVER, "1") == "0"
+            or len(os.fsencode(sock)) > logserver.MAX_SOCKET_PATH
+        ):
+            return 0, fds
+        try:
+            pid = logserver.spawn_writer(
+                sock,
+                log_path,
+                self.cfg.max_container_log_line_size,
+                [(name, fd) for (name, _), fd in zip(fifos, fds, strict=True)],
+            )
+        except (OSError, logserver.LogServerError) as exc:
+            log.warning("CRI log server unavailable, spawning the log writer: %s", exc)
+            return 0, fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for fd in fds:
+            os.close(fd)
+        return pid, []
 
     async def _reap(self, proc: asyncio.subprocess.Process) -> None:
         try:
