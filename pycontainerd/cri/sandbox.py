@@ -24,7 +24,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, field_mask_pb2
 
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.api.services.containers.v1 import containers_pb2
@@ -52,6 +52,10 @@ from pycontainerd.network import PortMapping
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    from pycontainerd.client.tasks import Task
+    from pycontainerd.cri.images import ImageInfo
+    from pycontainerd.network import Result
 
 __all__ = ["SandboxService"]
 
@@ -137,8 +141,7 @@ class SandboxService:
         image = await rt.images.ensure(rt.cfg.sandbox_image)
         host_net = cfg.linux.security_context.namespace_options.network == api_pb2.NODE
         netns = ""
-        ip = ""
-        extra_ips: list[str] = []
+        wiring: asyncio.Task[Result] | None = None
         if not host_net:
             netns = await rt.network.create_netns(id_)
             undo.append(lambda: rt.network.remove_netns(netns))
@@ -150,18 +153,53 @@ class SandboxService:
                 if p.host_port
             ]
             undo.append(lambda: rt.network.teardown(id_, netns))
-            result = await rt.network.setup(
-                id_, netns, maps, rt.cfg.cni_network,
-                args=(("K8S_POD_NAMESPACE", cfg.metadata.namespace),
-                      ("K8S_POD_NAME", cfg.metadata.name),
-                      ("K8S_POD_INFRA_CONTAINER_ID", id_),
-                      ("K8S_POD_UID", cfg.metadata.uid),
-                      ("IgnoreUnknown", "1")),
+            # The CNI plugins wire the namespace while the sandbox container and its task
+            # are made (runc create only joins the namespace): the two longest steps of a
+            # pod start overlap. The sandbox process starts once both are done.
+            wiring = asyncio.ensure_future(
+                rt.network.setup(
+                    id_, netns, maps, rt.cfg.cni_network,
+                    args=(("K8S_POD_NAMESPACE", cfg.metadata.namespace),
+                          ("K8S_POD_NAME", cfg.metadata.name),
+                          ("K8S_POD_INFRA_CONTAINER_ID", id_),
+                          ("K8S_POD_UID", cfg.metadata.uid),
+                          ("IgnoreUnknown", "1")),
+                )
             )  # fmt: skip
-            ip = result.ip or ""
-            extra_ips = [c.ip for c in result.ips if c.ip != ip]
+        try:
+            sb, task = await self._create_sandbox(cfg, id_, name, handler, image, netns, undo)
+        except BaseException:
+            if wiring is not None:
+                # Let the wiring finish (or fail) before the undo steps tear it down.
+                wiring.cancel()
+                with contextlib.suppress(BaseException):
+                    await wiring
+            raise
+        if wiring is not None:
+            result = await wiring
+            sb.meta.ip = result.ip or ""
+            sb.meta.additional_ips = [c.ip for c in result.ips if c.ip != sb.meta.ip]
+            await _save_meta(rt, sb.meta)
+        async with sb.lock:
+            sb.pid = await task.start()
+            sb.ready = True
+        rt.emit(id_, id_, api_pb2.CONTAINER_STARTED_EVENT)
+        return id_
+
+    async def _create_sandbox(
+        self,
+        cfg: api_pb2.PodSandboxConfig,
+        id_: str,
+        name: str,
+        handler: str,
+        image: ImageInfo,
+        netns: str,
+        undo: list[Callable[[], Awaitable[object]]],
+    ) -> tuple[Sandbox, Task]:
+        """The sandbox's files, container record and (created, not started) task."""
+        rt = self.rt
         files = rt.sandbox_dirs / id_
-        hostname = cfg.hostname or (socket.gethostname() if host_net else id_[:63])
+        hostname = cfg.hostname or (socket.gethostname() if not netns else id_[:63])
         undo.append(lambda: asyncio.to_thread(remove_sandbox_dir, files))
         choice, localhost = await asyncio.to_thread(
             _prepare_host, files, cfg, hostname, rt.cfg.seccomp_default
@@ -173,7 +211,7 @@ class SandboxService:
         )  # fmt: skip
         meta = SandboxMeta(
             id=id_, name=name, config=cfg.SerializeToString(), created_at=now_ns(),
-            netns=netns, ip=ip, additional_ips=extra_ips, runtime_handler=handler,
+            netns=netns, runtime_handler=handler,
         )  # fmt: skip
         container = await self._create_record(meta, image.names[0], spec, cfg, undo)
         sb = Sandbox(meta)
@@ -181,10 +219,7 @@ class SandboxService:
         async with sb.lock:
             task = await container.new_task()
             undo.append(lambda: rt.delete_task(id_))
-            sb.pid = await task.start()
-            sb.ready = True
-        rt.emit(id_, id_, api_pb2.CONTAINER_STARTED_EVENT)
-        return id_
+        return sb, task
 
     async def _create_record(
         self,
@@ -336,6 +371,21 @@ class SandboxService:
             out.append(hit[1])
         self._wire = cache
         return Wire(b"".join(out))
+
+
+async def _save_meta(rt: CRIRuntime, meta: SandboxMeta) -> None:
+    """Record ``meta`` (now with the pod's IPs) in the sandbox's container record."""
+    c = rt.client
+    record = containers_pb2.Container(
+        id=meta.id,
+        extensions={EXT_KEY: any_pb2.Any(type_url=EXT_TYPE, value=meta.to_json())},
+    )
+    await c.call(
+        c.containers_stub.Update,
+        containers_pb2.UpdateContainerRequest(
+            container=record, update_mask=field_mask_pb2.FieldMask(paths=[f"extensions.{EXT_KEY}"])
+        ),
+    )
 
 
 async def _kill_and_wait(rt: CRIRuntime, sb: Sandbox) -> None:

@@ -9,8 +9,11 @@ socket with one Python gRPC client:
 - RunPodSandbox + CreateContainer + StartContainer, one pod after another: median and p90
   latency over 20 pods;
 - 30 pods (sandbox + one container each) started concurrently: pods per second until the
-  last container started;
+  last container started, median of 3 rounds;
 - ListContainers with 100 containers (20 pods of 5, created): median latency of 200 calls.
+
+Both daemons run at once and the measures interleave (pods alternate one by one, rounds
+and list batches go by turns), so a busy moment of the shared machine hits both alike.
 
     .venv/bin/python -m tests.bench.bench_cri [--pods 20] [--concurrent 30] [--list 100]
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -153,7 +157,9 @@ class Bench:
         self.address = address
         self.log_dir = log_dir
         self.pods: list[str] = []
-        self.results: dict[str, float] = {}
+        self.seq: list[float] = []
+        self.rates: list[float] = []
+        self.lists: list[float] = []
 
     async def __aenter__(self) -> Bench:
         self.channel = grpc.aio.insecure_channel("unix:" + self.address)
@@ -203,36 +209,38 @@ class Bench:
         for i in range(0, len(pods), 10):
             await asyncio.gather(*(rm(p) for p in pods[i : i + 10]))
 
-    async def sequential(self, n: int) -> None:
-        times = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            await self.pod(f"seq{i}")
-            times.append(time.perf_counter() - t0)
-        self.results["seq_median_ms"] = statistics.median(times) * 1000
-        self.results["seq_p90_ms"] = statistics.quantiles(times, n=10)[-1] * 1000
-        await self.cleanup()
-
-    async def concurrent(self, n: int) -> None:
+    async def timed_pod(self, tag: str) -> None:
         t0 = time.perf_counter()
-        await asyncio.gather(*(self.pod(f"con{i}") for i in range(n)))
-        self.results["concurrent_pods_per_s"] = n / (time.perf_counter() - t0)
+        await self.pod(tag)
+        self.seq.append(time.perf_counter() - t0)
+
+    async def concurrent(self, n: int, round_: int) -> None:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(self.pod(f"con{round_}-{i}") for i in range(n)))
+        self.rates.append(n / (time.perf_counter() - t0))
         await self.cleanup()
 
-    async def list_containers(self, n: int, calls: int = 200) -> None:
+    async def fill(self, n: int) -> None:
         per_pod = 5
         for i in range(0, n, per_pod):
             await self.pod(f"list{i}", containers=min(per_pod, n - i), start=False)
-        req = api_pb2.ListContainersRequest()
-        got = len((await self.rt.ListContainers(req)).containers)
+        got = len((await self.rt.ListContainers(api_pb2.ListContainersRequest())).containers)
         assert got == n, f"{self.name}: {got} containers listed, {n} expected"
-        times = []
+
+    async def list_batch(self, calls: int) -> None:
+        req = api_pb2.ListContainersRequest()
         for _ in range(calls):
             t0 = time.perf_counter()
             await self.rt.ListContainers(req)
-            times.append(time.perf_counter() - t0)
-        self.results["list_median_ms"] = statistics.median(times) * 1000
-        await self.cleanup()
+            self.lists.append(time.perf_counter() - t0)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "seq_median_ms": statistics.median(self.seq) * 1000,
+            "seq_p90_ms": statistics.quantiles(self.seq, n=10)[-1] * 1000,
+            "concurrent_pods_per_s": statistics.median(self.rates),
+            "list_median_ms": statistics.median(self.lists) * 1000,
+        }
 
 
 ROWS = (
@@ -259,17 +267,33 @@ def report(ours: dict[str, float], theirs: dict[str, float] | None) -> str:
     return "\n".join(lines)
 
 
-async def run_one(
-    name: str, d: Daemon, args: argparse.Namespace, log_dir: Path
-) -> dict[str, float]:
-    async with Bench(name, d.address, log_dir) as b:
-        log(f"{name}: {args.pods} sequential pods")
-        await b.sequential(args.pods)
-        log(f"{name}: {args.concurrent} concurrent pods")
-        await b.concurrent(args.concurrent)
-        log(f"{name}: ListContainers with {args.list} containers")
-        await b.list_containers(args.list)
-        return b.results
+async def run_all(
+    daemons: dict[str, Daemon], args: argparse.Namespace, work: Path
+) -> dict[str, dict[str, float]]:
+    """Every measure interleaved between the daemons (same machine state for both):
+    sequential pods alternate one by one, concurrent rounds and list batches by turns."""
+    async with contextlib.AsyncExitStack() as stack:
+        benches = [
+            await stack.enter_async_context(Bench(name, d.address, work / f"logs-{name}"))
+            for name, d in daemons.items()
+        ]
+        log(f"{args.pods} sequential pods each, alternating")
+        for i in range(args.pods):
+            for b in benches if i % 2 else benches[::-1]:
+                await b.timed_pod(f"seq{i}")
+        for b in benches:
+            await b.cleanup()
+        log(f"{args.concurrent} concurrent pods, {args.rounds} rounds each, by turns")
+        for r in range(args.rounds):
+            for b in benches if r % 2 else benches[::-1]:
+                await b.concurrent(args.concurrent, r)
+        log(f"ListContainers with {args.list} containers, batches by turns")
+        for b in benches:
+            await b.fill(args.list)
+        for i in range(10):
+            for b in benches if i % 2 else benches[::-1]:
+                await b.list_batch(20)
+        return {b.name: b.summary() for b in benches}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pods", type=int, default=20)
     p.add_argument("--concurrent", type=int, default=30)
     p.add_argument("--list", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of concurrent pods")
     args = p.parse_args(argv)
     if os.geteuid() != 0 or CTR is None or shutil.which("runc") is None:
         log("needs root, runc and containerd's ctr")
@@ -294,27 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     theirs_net = (f"ctdb{pid % 100000}", str(theirs_subnet))
     # At containerd's log level (warn): the tests' debug logging costs CPU per request.
-    ours_d = QuietDaemon(config=ours_config(*ours_net))
-    theirs_d: ContainerdCRI | None = None
-    results: dict[str, dict[str, float]] = {}
+    # At containerd's log level (warn): the tests' debug logging costs CPU per request.
+    daemons: dict[str, Daemon] = {"ours": QuietDaemon(config=ours_config(*ours_net))}
+    if CONTAINERD is None:
+        log("containerd is not installed: its column stays empty")
+    else:
+        daemons["theirs"] = ContainerdCRI(*theirs_net)
     try:
-        ours_d.start()
-        import_images(ours_d, archive)
-        results["ours"] = asyncio.run(run_one("pycontainerd", ours_d, args, work / "logs-ours"))
-        ours_d.stop()
-        if CONTAINERD is None:
-            log("containerd is not installed: its column stays empty")
-        else:
-            theirs_d = ContainerdCRI(*theirs_net)
-            theirs_d.start()
-            import_images(theirs_d, archive)
-            results["theirs"] = asyncio.run(
-                run_one("containerd", theirs_d, args, work / "logs-theirs")
-            )
+        for d in daemons.values():
+            d.start()
+            import_images(d, archive)
+        results = asyncio.run(run_all(daemons, args, work))
     finally:
-        ours_d.cleanup()
-        if theirs_d is not None:
-            theirs_d.cleanup()
+        for d in daemons.values():
+            d.cleanup()
         for bridge in (ours_net[0], theirs_net[0]):
             delete_bridge(bridge)
         subprocess.run(["rm", "-rf", str(work)], check=False)
