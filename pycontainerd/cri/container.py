@@ -29,7 +29,6 @@ from pycontainerd.api.services.snapshots.v1 import snapshots_pb2
 from pycontainerd.api.services.tasks.v1 import tasks_pb2
 from pycontainerd.client import TaskIO
 from pycontainerd.client.containers import _image_userdb
-from pycontainerd.client.images import unpack
 from pycontainerd.client.spec import SPEC_TYPE_URL
 from pycontainerd.cri.runtime import CRIContainer, CRIRuntime, now_ns
 from pycontainerd.cri.spec import container_spec, host_prep, resources_doc, wanted_user
@@ -139,7 +138,7 @@ class ContainerService:
         prep = await asyncio.to_thread(host_prep, cfg, seccomp_default=rt.cfg.seccomp_default)
         img = await c.get_image(meta.image_name)
         async with c.lease():
-            chain = await unpack(c, c.images, img, snap)
+            chain = await rt.image_chain(img)
             user = wanted_user(sc, image.user)
             userdb = await _image_userdb(c, snap, chain) if user else None
             spec = container_spec(

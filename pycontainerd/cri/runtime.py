@@ -27,9 +27,11 @@ from pycontainerd import typeurl
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.api.events import task_pb2 as events_task_pb2
 from pycontainerd.api.services.containers.v1 import containers_pb2
+from pycontainerd.api.services.snapshots.v1 import snapshots_pb2
 from pycontainerd.api.services.tasks.v1 import tasks_pb2
 from pycontainerd.api.types.task import task_pb2
 from pycontainerd.client import Client
+from pycontainerd.client.images import Image, unpack
 from pycontainerd.cri import logserver
 from pycontainerd.cri.images import ImageCatalog
 from pycontainerd.cri.spec import OomPolicy
@@ -137,6 +139,8 @@ class CRIRuntime:
         self._ready = asyncio.Event()
         self._failed: BaseException | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Image target digest -> top chain ID in our snapshotter, once unpacked.
+        self._chains: dict[str, str] = {}
         # Writers spawned by the daemon itself (log server fallback), until reaped.
         self._log_writers: set[asyncio.subprocess.Process] = set()
         self._event_queues: set[EventQueue] = set()
@@ -363,6 +367,30 @@ class CRIRuntime:
                             tasks_pb2.KillRequest(container_id=c.meta.id, signal=9, all=True),
                         )
                     await self.delete_task(c.meta.id)
+
+    # ------------------------------------------------------------------ images
+
+    async def image_chain(self, img: Image) -> str:
+        """``img`` unpacked in the CRI's snapshotter; its top chain ID.
+
+        The first call unpacks (and labels the layers); later ones only check that the
+        top snapshot still exists: an image's layers never change, and every pod start
+        otherwise re-read its manifest and config and rewrote the same labels.
+        """
+        snap = self.cfg.snapshotter
+        chain = self._chains.get(img.target.digest)
+        if chain is not None:
+            try:
+                await self.client.call(
+                    self.client.snapshots_stub.Stat,
+                    snapshots_pb2.StatSnapshotRequest(snapshotter=snap, key=chain),
+                )
+                return chain
+            except NotFound:
+                del self._chains[img.target.digest]  # collected since: unpack again
+        chain = await unpack(self.client, self.client.images, img, snap)
+        self._chains[img.target.digest] = chain
+        return chain
 
     # ------------------------------------------------------------------ log writers
 

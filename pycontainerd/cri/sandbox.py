@@ -30,7 +30,6 @@ from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.api.services.containers.v1 import containers_pb2
 from pycontainerd.api.services.snapshots.v1 import snapshots_pb2
 from pycontainerd.client import Container
-from pycontainerd.client.images import unpack
 from pycontainerd.client.spec import SPEC_TYPE_URL
 from pycontainerd.cri import seccomp
 from pycontainerd.cri.runtime import CRIRuntime, Sandbox, now_ns
@@ -234,7 +233,7 @@ class SandboxService:
         snap = rt.cfg.snapshotter
         img = await c.get_image(image_name)
         async with c.lease():
-            chain = await unpack(c, c.images, img, snap)
+            chain = await rt.image_chain(img)
             await c.call(
                 c.snapshots_stub.Prepare,
                 snapshots_pb2.PrepareSnapshotRequest(snapshotter=snap, key=meta.id, parent=chain),
