@@ -424,3 +424,32 @@ async def test_lists_follow_state_and_filters(cri: CRI, tmp_path: Path) -> None:
     assert pod not in {
         p.id for p in (await cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items
     }
+
+
+async def test_pod_after_its_image_snapshots_went(
+    cri: CRI, cri_daemon: Daemon, tmp_path: Path
+) -> None:
+    """The unpacked chain an image's pods start from is remembered; when its snapshots
+    are gone (removed, collected), the next pod unpacks the image again."""
+    pod_cfg = pod_config("chain-a", tmp_path)
+    pod = await run_pod(cri, pod_cfg)
+    await remove_pod(cri, pod)
+    removed = 0
+    while True:  # every committed snapshot, children first
+        out = cri_daemon.ctr("snapshots", "ls", namespace="k8s.io").stdout
+        rows = [line.split() for line in out.splitlines()[1:]]
+        parents = {r[1] for r in rows if len(r) == 3}
+        leaves = [r[0] for r in rows if r[-1] == "Committed" and r[0] not in parents]
+        if not leaves:
+            break
+        for key in leaves:
+            cri_daemon.ctr("snapshots", "rm", key, namespace="k8s.io")
+            removed += 1
+    assert removed
+    pod_cfg = pod_config("chain-b", tmp_path)
+    pod = await run_pod(cri, pod_cfg)
+    try:
+        cid = await start_container(cri, pod, pod_cfg, container_config("c", ["sleep", "100"]))
+        assert (await status(cri, cid)).state == api_pb2.CONTAINER_RUNNING
+    finally:
+        await remove_pod(cri, pod)
