@@ -207,6 +207,38 @@ def _serve_one(conn: socket.socket, listener: socket.socket) -> None:
         shim_sock.close()
 
 
+def _take_lock(lock: int, path: str) -> bool:
+    """Own the directory's lock; False when a live zygote serves it.
+
+    A zygote whose socket was removed (a restarted daemon retires the old one) notices
+    only at its next check, up to ``_CHECK_S`` later: until then it holds the lock, and
+    its successor would be refused while the daemon waits for a socket that never
+    comes. So a holder without a socket is asked to go (SIGTERM; its shims are separate
+    processes) and the lock awaited briefly.
+    """
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    if os.path.exists(path):
+        return False
+    with contextlib.suppress(ValueError, OSError):
+        pid = int(os.pread(lock, 32, 0).decode() or 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            is_zygote = b"pycontainerd.shim.zygote" in f.read()
+        if pid > 0 and is_zygote:  # never a recycled pid of something else
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 2 * _CHECK_S
+    while time.monotonic() < deadline:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.01)
+    return False
+
+
 def _orphaned(path: str, ident: int) -> bool:
     """Whether our socket was removed or replaced (the daemon's state dir was cleaned)."""
     try:
@@ -234,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args[0]
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _take_lock(lock, path):
         return 0  # another zygote owns this directory
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with contextlib.suppress(FileNotFoundError):
@@ -245,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(path, 0o600)
     listener.listen(128)
     _detach()
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, str(os.getpid()).encode(), 0)  # for a successor to hurry us out
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     # Everything a shim needs, imported once; frozen so children don't copy it for GC.
     from pycontainerd.shim import _nogrpc

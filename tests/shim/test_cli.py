@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,47 @@ async def test_one_process_serves_several_shims(shim_env: ShimEnv) -> None:
     assert waited.exit_status == 137
     await call(clients["m2"], "Delete", api.DeleteRequest(id="m2"), api.DeleteResponse)
     await empty(clients["m2"], "Shutdown", api.ShutdownRequest(id="m2"))
+
+
+def _start_zygote(path: str) -> None:
+    """``python -m pycontainerd.shim.zygote PATH``; returns when its first process exits,
+    which it does once the socket listens (or at once when it is not needed)."""
+    subprocess.run(
+        [sys.executable, "-m", "pycontainerd.shim.zygote", path],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _zygote_pid(path: str) -> int:
+    return int(Path(path + ".lock").read_text() or 0)
+
+
+def test_retired_zygote_gives_way_to_its_successor(tmp_path: Path) -> None:
+    """A restarted daemon removes the old zygote's socket and may need a new zygote at
+    once: the new one must take over then, not be refused while the old one still holds
+    the directory's lock (the daemon then waited 10 s before spawning a shim itself)."""
+    path = str(tmp_path / "z.sock")
+    _start_zygote(path)
+    old = _zygote_pid(path)
+    assert old > 0 and Path(path).exists()
+    _start_zygote(path)  # a live zygote serves the directory: nothing changes
+    assert _zygote_pid(path) == old
+    os.unlink(path)  # retired
+    _start_zygote(path)
+    try:
+        assert Path(path).exists()
+        new = _zygote_pid(path)
+        assert new not in (0, old)
+        for _ in range(500):
+            if not Path(f"/proc/{old}").exists() or _zombie(old):
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"retired zygote {old} still runs")
+    finally:
+        os.unlink(path)  # the new zygote sees its socket gone and exits
