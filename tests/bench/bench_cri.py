@@ -62,12 +62,12 @@ def log(msg: str) -> None:
 # --- daemons --------------------------------------------------------------------------------
 
 
-def ours_config(bridge: str, subnet: str) -> str:
+def ours_config(bridge: str, subnet: str, runtime: str = RUNTIME) -> str:
     return (
         "version = 2\n"
         '[plugins."io.containerd.grpc.v1.cri"]\n'
         f'sandbox_image = "{PAUSE}"\n'
-        f'runtime = "{RUNTIME}"\n'
+        f'runtime = "{runtime}"\n'
         f'cni_bridge = "{bridge}"\n'
         f'cni_subnet = "{subnet}"\n'
         "restrict_oom_score_adj = true\n"
@@ -302,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrent", type=int, default=30)
     p.add_argument("--list", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3, help="rounds of concurrent pods")
+    p.add_argument(
+        "--our-runtime",
+        default=RUNTIME,
+        help=f"our daemon's CRI runtime (default {RUNTIME}, the shim both use; "
+        "io.containerd.pyrunc.v1 is our own)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0 or CTR is None or shutil.which("runc") is None:
         log("needs root, runc and containerd's ctr")
@@ -320,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     theirs_net = (f"ctdb{pid % 100000}", str(theirs_subnet))
     # At containerd's log level (warn): the tests' debug logging costs CPU per request.
     # At containerd's log level (warn): the tests' debug logging costs CPU per request.
-    daemons: dict[str, Daemon] = {"ours": QuietDaemon(config=ours_config(*ours_net))}
+    daemons: dict[str, Daemon] = {
+        "ours": QuietDaemon(config=ours_config(*ours_net, runtime=args.our_runtime))
+    }
     if CONTAINERD is None:
         log("containerd is not installed: its column stays empty")
     else:

@@ -33,6 +33,8 @@ SANDBOX_COMMAND = '["sh", "-c", "trap \'exit 0\' TERM; while :; do sleep 3600 & 
 def _runtime() -> str | None:
     if shutil.which("runc") is None:
         return None
+    if os.environ.get("PCD_CRI_RUNTIME"):  # e.g. io.containerd.pyrunc.v1, our own shim
+        return os.environ["PCD_CRI_RUNTIME"]
     if Path("/usr/bin/containerd-shim-runc-v2").is_file():
         return RUNC_V2
     return PYRUNC_V1
