@@ -18,8 +18,9 @@ class CRIConfig:
     # image's own Entrypoint/Cmd, as with registry.k8s.io/pause).
     sandbox_image: str = "registry.k8s.io/pause:3.9"
     sandbox_command: tuple[str, ...] = ()
-    # Shim used for pods and their containers (io.containerd.runc.v2 or .pyrunc.v1).
-    runtime: str = "io.containerd.runc.v2"
+    # Shim used for pods and their containers: our own (zygote-forked, several
+    # containers per process; needs nothing but runc) or containerd's runc.v2 binary.
+    runtime: str = "io.containerd.pyrunc.v1"
     snapshotter: str = "overlayfs"
     # Registry hosts (``host[:port]``) spoken to over plain HTTP.
     insecure_registries: tuple[str, ...] = ()

@@ -2,8 +2,10 @@
 
 Both daemons run side by side on private roots with the same two images in namespace
 ``k8s.io`` (busybox, and a pause-like image whose entrypoint idles, used as the sandbox
-image by both), the same shim (``io.containerd.runc.v2``), the same CNI plugins on
-bridges and subnets of their own, and ``restrict_oom_score_adj`` on. Measured over the CRI
+image by both), each with its default shim (ours: ``io.containerd.pyrunc.v1``;
+containerd: ``io.containerd.runc.v2``; ``--our-runtime io.containerd.runc.v2`` puts both
+on containerd's), the same CNI plugins on bridges and subnets of their own, and
+``restrict_oom_score_adj`` on. Measured over the CRI
 socket with one Python gRPC client:
 
 - RunPodSandbox + CreateContainer + StartContainer, one pod after another: median and p90
@@ -52,7 +54,8 @@ from tests.support.tasks import IMAGE
 
 PAUSE = "example.com/bench/pause:1"
 IDLE = ("sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done")
-RUNTIME = "io.containerd.runc.v2"
+RUNTIME = "io.containerd.runc.v2"  # containerd's shim: containerd's default, ours optional
+OUR_RUNTIME = "io.containerd.pyrunc.v1"  # our CRI plugin's default
 
 
 def log(msg: str) -> None:
@@ -304,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds of concurrent pods")
     p.add_argument(
         "--our-runtime",
-        default=RUNTIME,
-        help=f"our daemon's CRI runtime (default {RUNTIME}, the shim both use; "
-        "io.containerd.pyrunc.v1 is our own)",
+        default=OUR_RUNTIME,
+        help=f"our daemon's CRI runtime (default {OUR_RUNTIME}, ours; {RUNTIME} is "
+        "containerd's, which containerd uses)",
     )
     args = p.parse_args(argv)
     if os.geteuid() != 0 or CTR is None or shutil.which("runc") is None:

@@ -30,14 +30,25 @@ if TYPE_CHECKING:
 SANDBOX_COMMAND = '["sh", "-c", "trap \'exit 0\' TERM; while :; do sleep 3600 & wait $!; done"]'
 
 
-def _runtime() -> str | None:
+def _runtime(wanted: str) -> str | None:
+    """``wanted``, or None when it cannot run here."""
     if shutil.which("runc") is None:
         return None
-    if os.environ.get("PCD_CRI_RUNTIME"):  # e.g. io.containerd.pyrunc.v1, our own shim
-        return os.environ["PCD_CRI_RUNTIME"]
-    if Path("/usr/bin/containerd-shim-runc-v2").is_file():
-        return RUNC_V2
-    return PYRUNC_V1
+    if wanted == RUNC_V2 and not Path("/usr/bin/containerd-shim-runc-v2").is_file():
+        return None
+    return wanted
+
+
+# The suite runs on our shim (the plugin's default) and on containerd's runc.v2 shim.
+# PCD_CRI_RUNTIME picks one of them.
+RUNTIMES = (
+    [os.environ["PCD_CRI_RUNTIME"]]
+    if os.environ.get("PCD_CRI_RUNTIME")
+    else [
+        PYRUNC_V1,
+        RUNC_V2,
+    ]
+)
 
 
 def cri_config(bridge: str, subnet: str, runtime: str, extra: str = "") -> str:
@@ -53,12 +64,12 @@ def cri_config(bridge: str, subnet: str, runtime: str, extra: str = "") -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def cri_daemon() -> Iterator[Daemon]:
+@pytest.fixture(scope="session", params=RUNTIMES)
+def cri_daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
     reason = _missing()
-    runtime = _runtime()
+    runtime = _runtime(request.param)
     if reason is None and runtime is None:
-        reason = "runc is not installed"
+        reason = f"runc or the {request.param} shim is not installed"
     if reason is None and CTR is None:
         reason = "needs containerd's ctr client to import the test image"
     if reason:
@@ -66,8 +77,9 @@ def cri_daemon() -> Iterator[Daemon]:
     assert runtime is not None
     pid = os.getpid()
     # Not the CLI tests' "pcdc<pid>": both suites run in one pytest process in CI.
-    bridge = f"pcdk{pid % 10_000_000}"
-    subnet = _pick_subnet(pid + 17)
+    k = RUNTIMES.index(request.param)
+    bridge = f"pcdk{k}{pid % 1_000_000}"
+    subnet = _pick_subnet(pid + 17 + 7 * k)
     forward_before = IP_FORWARD.read_text().strip()
     chains_before = {c for c in SHARED_CHAINS if f"-N {c}" in _nat_rules()}
     d = Daemon(config=cri_config(bridge, str(subnet), runtime)).start()
