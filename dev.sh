@@ -53,6 +53,10 @@ need_venv() {
     .venv/bin/pip install -q -e ".[test]"
     touch "$stamp"
   fi
+  # The editable install leaves our modules uncompiled, and with PYTHONDONTWRITEBYTECODE
+  # set (as on some CI machines) every daemon, shim and pcd start compiled them again:
+  # ~130 ms of each start-up. Only changed files are recompiled here.
+  .venv/bin/python -m compileall -q -j 0 pycontainerd plugins >/dev/null
 }
 
 cmd=${1:-}
