@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2, field_mask_pb2
@@ -58,6 +59,8 @@ __all__ = ["MAX_EXEC_OUTPUT", "ContainerService"]
 log = logging.getLogger(__name__)
 
 MAX_EXEC_OUTPUT = 16 << 20
+# Seconds ReopenContainerLog waits for the writer to create the new log file.
+REOPEN_WAIT = 2.0
 LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 START_ERROR_EXIT = 128
 _STATE_NAMES: dict[api_pb2.ContainerState.ValueType, str] = {
@@ -430,6 +433,20 @@ class ContainerService:
             raise FailedPrecondition(f"container {c.meta.id} is not running")
         if not rt.signal_pid(c.status.log_writer_pid):
             raise FailedPrecondition(f"container {c.meta.id} has no log writer")
+        # kubelet renames the log, then asks for a reopen: answer once the writer has
+        # made the new file, as containerd's synchronous reopen does (kubelet renames the
+        # file back when this fails).
+        if not await asyncio.to_thread(_appears, c.meta.log_path, REOPEN_WAIT):
+            raise FailedPrecondition(f"log writer of {c.meta.id} did not reopen its log")
+
+
+def _appears(path: str, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _make_fifos(d: os.PathLike[str] | str, tty: bool) -> tuple[str, str]:
