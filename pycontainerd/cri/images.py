@@ -67,6 +67,10 @@ class ImageCatalog:
         self._snapshotter = snapshotter
         self._insecure = set(insecure)
         self._by_target: dict[str, _Resolved] = {}
+        # The last listing, while no image event said otherwise (``invalidate``): kubelet
+        # asks ImageStatus for every pod it syncs, and each answer listed every image.
+        self._listing: list[ImageInfo] | None = None
+        self._generation = 0
 
     async def _resolve(self, img: Image) -> _Resolved:
         cached = self._by_target.get(img.target.digest)
@@ -77,8 +81,7 @@ class ImageCatalog:
             self._by_target[img.target.digest] = cached
         return cached
 
-    async def list(self) -> list[ImageInfo]:
-        """Every image, one entry per id, with all its names."""
+    async def _list(self) -> list[ImageInfo]:
         by_id: dict[str, ImageInfo] = {}
         for img in await self._c.list_images():
             try:
@@ -101,6 +104,22 @@ class ImageCatalog:
                 if digest not in info.repo_digests:
                     info.repo_digests.append(digest)
         return list(by_id.values())
+
+    def invalidate(self) -> None:
+        """Images changed: the next listing asks the daemon again."""
+        self._generation += 1
+        self._listing = None
+
+    async def list(self) -> list[ImageInfo]:
+        """Every image, one entry per id, with all its names (callers must not change
+        the entries: they are shared until the next image event)."""
+        if self._listing is not None:
+            return self._listing
+        generation = self._generation
+        listing = await self._list()
+        if generation == self._generation:  # no image event arrived meanwhile
+            self._listing = listing
+        return listing
 
     async def find(self, ref: str) -> ImageInfo:
         """The image named, identified (full or unique prefix of the id) or digested by
@@ -136,6 +155,7 @@ class ImageCatalog:
         digest_name = f"{parsed.name}@{img.target.digest}"
         if digest_name != name:
             await self._c.images.put(Image(digest_name, img.target, dict(img.labels)))
+        self.invalidate()  # our own change: seen at once, not when its event arrives
         return await self.find(name)
 
     async def remove(self, ref: str) -> None:
@@ -148,6 +168,7 @@ class ImageCatalog:
             with contextlib.suppress(NotFound):
                 await self._c.remove_image(name)
         self._by_target = {k: v for k, v in self._by_target.items() if v.id != info.id}
+        self.invalidate()
 
     async def ensure(self, ref: str) -> ImageInfo:
         """The local image, pulled when missing (the sandbox image)."""

@@ -61,6 +61,16 @@ if TYPE_CHECKING:
 
 __all__ = ["CRIContainer", "CRIRuntime", "ContainerEvent", "EventQueue", "Sandbox"]
 
+# What the plugin follows on the exchange: exits and OOMs of tasks, and image changes
+# (which invalidate the image catalog's listing).
+_TOPICS = (
+    'topic=="/tasks/exit"',
+    'topic=="/tasks/oom"',
+    'topic=="/images/create"',
+    'topic=="/images/update"',
+    'topic=="/images/delete"',
+)
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -149,8 +159,7 @@ class CRIRuntime:
 
     def start(self) -> None:
         """Subscribe to task events now; recover once the daemon's server answers."""
-        sub = self._exchange.subscribe(['topic=="/tasks/exit"', 'topic=="/tasks/oom"'])
-        self.spawn(self._run(sub))
+        self.spawn(self._run(self._exchange.subscribe(_TOPICS)))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -180,7 +189,8 @@ class CRIRuntime:
             except PycdError as exc:
                 # Cut off for falling behind: resubscribe and look at every task again.
                 log.warning("CRI event subscription lost (%s); resubscribing", exc)
-                sub = self._exchange.subscribe(['topic=="/tasks/exit"', 'topic=="/tasks/oom"'])
+                sub = self._exchange.subscribe(_TOPICS)
+                self.images.invalidate()
                 await self.reconcile()
 
     async def ready(self) -> None:
@@ -243,6 +253,9 @@ class CRIRuntime:
     # ------------------------------------------------------------------ exits
 
     async def _on_event(self, topic: str, any_msg: object) -> None:
+        if topic.startswith("/images/"):
+            self.images.invalidate()  # whoever changed them: ctr, pcd, our own pulls
+            return
         try:
             msg = typeurl.unpack(any_msg)  # type: ignore[arg-type]
         except PycdError:

@@ -16,6 +16,7 @@ import pytest
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from tests.client.registry_support import free_port
 from tests.cri.helpers import (
+    WAIT,
     container_config,
     pod_config,
     remove_pod,
@@ -453,3 +454,33 @@ async def test_pod_after_its_image_snapshots_went(
         assert (await status(cri, cid)).state == api_pb2.CONTAINER_RUNNING
     finally:
         await remove_pod(cri, pod)
+
+
+async def test_images_changed_by_another_client_show(cri: CRI, cri_daemon: Daemon) -> None:
+    """The image catalog's listing is cached until an image event: a tag added or removed
+    with ctr shows in ImageStatus and ListImages."""
+
+    async def status_of(ref: str) -> str:
+        resp = await cri.images.ImageStatus(
+            api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref))
+        )
+        return resp.image.id
+
+    async def eventually(ref: str, present: bool) -> None:
+        deadline = time.monotonic() + WAIT
+        while bool(await status_of(ref)) != present:
+            assert time.monotonic() < deadline, f"{ref} present={present} never seen"
+            await asyncio.sleep(0.02)
+
+    name = "docker.io/library/retagged:1"
+    before = await cri.images.ListImages(api_pb2.ListImagesRequest())  # fills the cache
+    assert not any(name in i.repo_tags for i in before.images)
+    assert not await status_of(name)
+    cri_daemon.ctr("images", "tag", IMAGE, name, namespace="k8s.io")
+    try:
+        await eventually(name, True)
+        listed = await cri.images.ListImages(api_pb2.ListImagesRequest())
+        assert any(name in i.repo_tags for i in listed.images)
+    finally:
+        cri_daemon.ctr("images", "rm", name, namespace="k8s.io")
+    await eventually(name, False)
