@@ -40,6 +40,12 @@ class MetadataDB:
         self._thread_id: int | None = None
         # Bumped on every committed write; the GC scheduler reads it to decide when to run.
         self.mutations = 0
+        # read_sync's connections, one per worker thread that reads (WAL: readers never
+        # block the writer or each other).
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
 
     async def open(self) -> None:
         from pycontainerd.metadata import schema
@@ -60,6 +66,11 @@ class MetadataDB:
 
     async def close(self) -> None:
         def _close() -> None:
+            with self._readers_lock:
+                self._closed = True
+                for reader in self._readers:
+                    reader.close()
+                self._readers.clear()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -77,6 +88,29 @@ class MetadataDB:
     def view_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``view`` for code already running on a worker thread (never on the loop)."""
         return self._executor.submit(lambda: self._view_inline(fn)).result()
+
+    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read-only closure on the calling worker thread (never the loop), over a
+        connection of that thread's own: no hop to the database thread. It sees every
+        transaction committed before it starts."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._readers_lock:
+                if self._closed:
+                    raise FailedPrecondition("metadata database is closed")
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30
+                )
+                conn.execute("PRAGMA query_only=ON")
+                self._readers.append(conn)
+            self._local.conn = conn
+        elif self._closed:
+            raise FailedPrecondition("metadata database is closed")
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
 
     def _view_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._connection()

@@ -12,7 +12,7 @@ Order of work, as containerd's ``metadata/snapshot.go`` with sqlite instead of b
   a backend that copies its parent (native), check in a read transaction, create on a
   worker thread, then record. If recording fails, the created backend snapshot is
   removed again;
-- commit: on a worker thread, check (a read on the database thread), commit in the
+- commit: on a worker thread, check (a read on that thread's own connection), commit in the
   backend (which walks the snapshot for its disk usage, so not on the database thread),
   then record;
 - remove: delete the row (and its lease references) first; the backend snapshot is then
@@ -332,7 +332,7 @@ class NamespacedSnapshotter:
                 # usage, too slow a walk to run on the database thread).
 
                 def work() -> None:
-                    row = self._db.view_sync(check)
+                    row = self._db.read_sync(check)
                     sync.commit_sync(bname, row.backend_key, blabels)
                     try:
                         self._db.update_sync(lambda conn: record(conn, row, bname))
