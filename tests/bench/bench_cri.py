@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         for bridge in (ours_net[0], theirs_net[0]):
             delete_bridge(bridge)
         subprocess.run(["rm", "-rf", str(work)], check=False)
+    print(f"shims: pycontainerd {args.our_runtime}, containerd {RUNTIME}")
     print(report(results["ours"], results.get("theirs")))
     return 0
 
