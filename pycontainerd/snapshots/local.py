@@ -44,13 +44,27 @@ if TYPE_CHECKING:
 
     from pycontainerd.snapshots.mount import Mount
 
-__all__ = ["LocalSnapshotter", "disk_usage"]
+__all__ = ["SMALL_SNAPSHOT", "LocalSnapshotter", "disk_usage", "small_disk_usage"]
 
 log = logging.getLogger(__name__)
+
+# Entries a snapshot may hold for commit_small_sync to measure it inside its transaction.
+SMALL_SNAPSHOT = 256
 
 
 def disk_usage(root: Path) -> Usage:
     """Allocated bytes and distinct inodes under ``root`` (hard links counted once)."""
+    usage = _walk_usage(root, None)
+    assert usage is not None
+    return usage
+
+
+def small_disk_usage(root: Path, limit: int) -> Usage | None:
+    """``disk_usage`` of a tree of at most ``limit`` entries; None for a bigger one."""
+    return _walk_usage(root, limit)
+
+
+def _walk_usage(root: Path, limit: int | None) -> Usage | None:
     seen: set[tuple[int, int]] = set()
     size = 0
     stack = [os.fspath(root)]
@@ -67,6 +81,10 @@ def disk_usage(root: Path) -> Usage:
                 entries = list(it)
         except FileNotFoundError:
             continue
+        if limit is not None:
+            limit -= len(entries)
+            if limit < 0:
+                return None
         for entry in entries:
             try:
                 est = entry.stat(follow_symlinks=False)
@@ -252,6 +270,23 @@ class LocalSnapshotter:
                 storage.commit_active(conn, key, name, usage, labels)
                 return
         raise FailedPrecondition(f"snapshot {key!r} keeps changing during commit")
+
+    def commit_small_sync(self, name: str, key: str, labels: Mapping[str, str]) -> bool:
+        """``commit`` in one metastore transaction when the active snapshot holds at
+        most ``SMALL_SNAPSHOT`` entries (measured inside it: quick); False, with nothing
+        done, for a bigger one (use ``commit_sync``, which measures outside the lock)."""
+        labels = labelutil.validate(labels)
+        with self._ms.write() as conn:
+            if storage.lookup(conn, name) is not None:
+                raise AlreadyExists(f"committed snapshot {name!r}")
+            sid, info, _ = storage.get_info(conn, key)
+            if info.kind != Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            usage = small_disk_usage(self.fs_path(sid), SMALL_SNAPSHOT)
+            if usage is None:
+                return False
+            storage.commit_active(conn, key, name, usage, labels)
+        return True
 
     def remove_sync(self, key: str) -> None:
         with self._ms.write() as conn:

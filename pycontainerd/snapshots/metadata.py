@@ -12,9 +12,10 @@ Order of work, as containerd's ``metadata/snapshot.go`` with sqlite instead of b
   a backend that copies its parent (native), check in a read transaction, create on a
   worker thread, then record. If recording fails, the created backend snapshot is
   removed again;
-- commit: on a worker thread, check (a read on that thread's own connection), commit in the
-  backend (which walks the snapshot for its disk usage, so not on the database thread),
-  then record;
+- commit: a small snapshot (at most ``SMALL_SNAPSHOT`` entries) like a create, in one
+  transaction on the database thread; a bigger one on a worker thread: check (a read on
+  that thread's own connection), commit in the backend (which walks the snapshot for its
+  disk usage, too slow for the database thread), then record;
 - remove: delete the row (and its lease references) first; the backend snapshot is then
   removed in the background, in order, off the caller's path, after a short linger that
   lets a burst of removals share one backend transaction (containerd leaves it to
@@ -326,10 +327,32 @@ class NamespacedSnapshotter:
         async with self._lock:
             bname = self._backend_key(ns, name)
             sync = self._sync
-            if sync is not None:
-                # One hop to a worker thread, which visits the database thread for the
-                # check and the record (the backend's commit measures the snapshot's disk
-                # usage, too slow a walk to run on the database thread).
+            done = False
+            if sync is not None and sync.cheap_create:
+                # A small snapshot is measured and committed, and the commit recorded,
+                # in one transaction on the database thread, as a prepare is.
+                committed = False
+
+                def in_txn(conn: sqlite3.Connection) -> bool:
+                    nonlocal committed
+                    row = check(conn)
+                    if not sync.commit_small_sync(bname, row.backend_key, blabels):
+                        return False
+                    committed = True
+                    record(conn, row, bname)
+                    return True
+
+                try:
+                    done = await _finish(self._db.update(in_txn))
+                except BaseException:
+                    if committed:
+                        lost(bname)
+                    raise
+            if not done and sync is not None:
+                # A big snapshot: one hop to a worker thread, which reads for the check,
+                # has the backend measure the snapshot's disk usage (too slow a walk for
+                # the database thread) and commit, then visits the database thread to
+                # record.
 
                 def work() -> None:
                     row = self._db.read_sync(check)
@@ -341,7 +364,7 @@ class NamespacedSnapshotter:
                         raise
 
                 await _finish(asyncio.to_thread(work))
-            else:
+            elif not done:
                 row = await self._db.view(check)
                 await self.backend.commit(bname, row.backend_key, blabels)
                 try:

@@ -171,6 +171,10 @@ class SyncSnapshotter(Protocol):
     def commit_sync(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         """``commit``."""
 
+    def commit_small_sync(self, name: str, key: str, labels: Mapping[str, str]) -> bool:
+        """``commit`` when it is quick (a small snapshot: cheap to measure); False, with
+        nothing done, when ``commit_sync`` must do it."""
+
     def remove_sync(self, key: str) -> None:
         """``remove``."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,6 +18,7 @@ from pycontainerd.errdefs import (
 )
 from pycontainerd.metadata.db import MetadataDB
 from pycontainerd.services.leases import LeaseService
+from pycontainerd.snapshots.local import SMALL_SNAPSHOT
 from pycontainerd.snapshots.metadata import NamespacedSnapshotter, SnapshotService
 from pycontainerd.snapshots.native import NativeSnapshotter
 from pycontainerd.snapshots.overlay import OverlaySnapshotter, check_supported
@@ -24,7 +26,6 @@ from pycontainerd.snapshots.snapshotter import Info, Kind
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
     from google.protobuf.message import Message
 
@@ -304,6 +305,40 @@ async def test_overlay_mount_shapes_through_layer(tmp_path: Path) -> None:
         assert m.type == "overlay"
         assert [o for o in m.options if o.startswith(("upperdir", "workdir"))] == []
         assert len(next(o for o in m.options if o.startswith("lowerdir=")).split(":")) == 2
+    finally:
+        await backend.close()
+        await db.close()
+
+
+@pytest.mark.root
+async def test_overlay_commit_small_and_big_through_layer(tmp_path: Path) -> None:
+    """On overlayfs a small snapshot commits in the database thread's transaction and a
+    big one (more than SMALL_SNAPSHOT entries) through the worker path: both recorded,
+    with their usage, and the active keys gone."""
+    try:
+        check_supported(tmp_path / "probe")
+    except OSError as exc:
+        pytest.skip(f"overlayfs not usable here: {exc}")
+    db = MetadataDB(tmp_path / "meta.db")
+    await db.open()
+    backend = OverlaySnapshotter(tmp_path / "overlay")
+    try:
+        sn = SnapshotService(db, {"overlayfs": backend}).get("overlayfs")
+        use("default")
+        for key, files in (("small", 2), ("big", SMALL_SNAPSHOT + 5)):
+            (m,) = await sn.prepare(key)
+            root = Path(m.source)  # a parentless snapshot is a bind mount of its dir
+
+            def fill(root: Path = root, files: int = files) -> None:
+                for i in range(files):
+                    (root / f"f{i}").write_text("x")
+
+            await asyncio.to_thread(fill)
+            await sn.commit(key.upper(), key)
+            assert (await sn.stat(key.upper())).kind == Kind.COMMITTED
+            with pytest.raises(NotFound):
+                await sn.stat(key)
+            assert (await sn.usage(key.upper())).inodes == files + 1
     finally:
         await backend.close()
         await db.close()

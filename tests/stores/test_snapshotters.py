@@ -23,6 +23,7 @@ from pycontainerd.errdefs import (
     InvalidArgument,
     NotFound,
 )
+from pycontainerd.snapshots.local import SMALL_SNAPSHOT
 from pycontainerd.snapshots.mount import Mount, compact_lowerdir, temp_mount
 from pycontainerd.snapshots.native import NativeSnapshotter
 from pycontainerd.snapshots.overlay import OverlaySnapshotter, check_supported
@@ -422,6 +423,34 @@ async def test_usage(sn: LocalSnapshotter) -> None:
     assert active.size >= (1 << 20)
     await sn.commit("A", "a")
     assert await sn.usage("A") == active
+
+
+async def test_commit_small_in_one_transaction_big_declined(sn: LocalSnapshotter) -> None:
+    """commit_small_sync measures and commits a small snapshot itself and declines, with
+    nothing changed, one of more than SMALL_SNAPSHOT entries (commit_sync measures it)."""
+
+    def many(n: int) -> Fn:
+        def fill(root: Path) -> None:
+            for i in range(n):
+                (root / f"f{i}").write_text("x")
+
+        return fill
+
+    small = await sn.prepare("small")
+    await in_mount(small, many(3))
+    assert await asyncio.to_thread(sn.commit_small_sync, "Small", "small", {})
+    assert (await sn.stat("Small")).kind == Kind.COMMITTED
+    assert (await sn.usage("Small")).inodes == 4
+    big = await sn.prepare("big")
+    await in_mount(big, many(SMALL_SNAPSHOT + 10))
+    assert not await asyncio.to_thread(sn.commit_small_sync, "Big", "big", {})
+    assert (await sn.stat("big")).kind == Kind.ACTIVE
+    with pytest.raises(NotFound):
+        await sn.stat("Big")
+    await sn.commit("Big", "big")
+    assert (await sn.usage("Big")).inodes == SMALL_SNAPSHOT + 11
+    with pytest.raises(AlreadyExists):
+        await asyncio.to_thread(sn.commit_small_sync, "Small", "other", {})
 
 
 async def test_cleanup_removes_orphans(sn: LocalSnapshotter) -> None:
