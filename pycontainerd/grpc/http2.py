@@ -662,6 +662,15 @@ class H2Connection(asyncio.Protocol):
         if self._flush_handle is None and not self._busy:
             self._flush_handle = self._loop.call_soon(self.flush)
 
+    def flush_now(self) -> None:
+        """Write what is pending at once (an RPC just ended), unless we are inside
+        ``data_received``, whose end writes anyway."""
+        if self._busy:
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self.flush()
+
     def flush(self) -> None:
         self._flush_handle = None
         self._busy = True

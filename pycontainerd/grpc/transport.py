@@ -353,6 +353,11 @@ class _Stream(H2Stream):
             if not self.headers_sent:
                 self.send_headers()
             conn.end_stream(self, block)
+        # A lone RPC's answer goes out now rather than after the loop's next turn (its
+        # client is waiting for it); with others in flight on the connection, the
+        # flush at the turn's end writes them all at once.
+        if len(conn.streams) <= 1:
+            conn.flush_now()
 
 
 class _Connection(H2Connection):
