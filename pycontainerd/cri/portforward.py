@@ -58,13 +58,17 @@ class PortPipe(Protocol):
         """The pod side finished sending."""
 
 
+# Seconds one direction of a forwarded connection may go on after the other ended.
+HALF_CLOSE_GRACE = 1.0
+
+
 async def forward_port(sb: Sandbox, port: int, pipe: PortPipe) -> None:
     """Connect to ``port`` in the pod and copy both ways.
 
-    Each side's end of data is passed on as a half close, and forwarding lasts until both
-    directions are done: a server may shut its side down and still read (busybox ``nc``
-    does as soon as its stdin is empty). A pipe without half close (WebSocket) ends when
-    the pod side does.
+    Each side's end of data is passed on as a half close; once one direction is done the
+    other has ``HALF_CLOSE_GRACE`` seconds to finish (a server may shut its side down and
+    still read: busybox ``nc`` does as soon as its stdin is empty). A pipe without half
+    close (WebSocket) ends when the pod side does.
     """
     try:
         r, w = await _connect_in(sb.meta.netns, port)
@@ -87,7 +91,15 @@ async def forward_port(sb: Sandbox, port: int, pipe: PortPipe) -> None:
 
     inbound, outbound = asyncio.create_task(to_pod()), asyncio.create_task(from_pod())
     try:
-        await asyncio.wait({inbound, outbound} if pipe.half_close else {outbound})
+        if not pipe.half_close:
+            await asyncio.wait({outbound})
+        else:
+            # When one direction ends, the other gets a moment to finish, as containerd
+            # does: kubectl before 1.30 ends its side only after the error stream closed,
+            # which happens when we return, so waiting for both would never end.
+            done, _ = await asyncio.wait({inbound, outbound}, return_when=asyncio.FIRST_COMPLETED)
+            if len(done) < 2:
+                await asyncio.wait({inbound, outbound}, timeout=HALF_CLOSE_GRACE)
     finally:
         for t in (inbound, outbound):
             t.cancel()
