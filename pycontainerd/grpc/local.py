@@ -147,13 +147,8 @@ class _Context:
         return _error(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
 
 
-class _End:
-    """Marks the end of a response stream, with its status."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: grpc.aio.AioRpcError | None) -> None:
-        self.error = error
+# Ends a response stream; the call's status is in ``_Call._result``.
+_END = object()
 
 
 class _Call:
@@ -189,7 +184,6 @@ class _Call:
             return
         kind, behavior, req_des, resp_ser = rpc
         self._resp_ser: Serializer = resp_ser
-        self._kind = kind
         if streaming_request:
             arg: Any = self._requests(ser, req_des)
         else:
@@ -229,7 +223,7 @@ class _Call:
             self._result = _error(grpc.StatusCode.CANCELLED, "Cancelled")
             ctx.finish()
             with contextlib.suppress(asyncio.QueueFull):
-                self._out.put_nowait(_End(self._result))
+                self._out.put_nowait(_END)
             raise
         except Exception as exc:
             if not isinstance(exc, grpc.aio.AbortError):
@@ -238,7 +232,7 @@ class _Call:
         self._result = error
         ctx.finish()
         if streams:
-            await self._out.put(_End(error))  # waits for the reader, like flow control
+            await self._out.put(_END)  # waits for the reader, like flow control
         return response
 
     # -- unary response --------------------------------------------------------------
@@ -265,7 +259,7 @@ class _Call:
             self._ended = True  # cancelled with a full window: no end marker came
         if not self._ended:
             item = await self._out.get()
-            if not isinstance(item, _End):
+            if item is not _END:
                 return _copy(item, self._resp_ser, self._des)
             self._ended = True
         if self._result is not None:
@@ -353,9 +347,6 @@ class LocalChannel:
     def __init__(self, server: Server) -> None:
         self.server = server
 
-    def _multi(self, method: str, ser: Serializer, des: Deserializer, streaming: bool) -> Any:
-        return _MultiCallable(self, method, ser, des, streaming)
-
     def unary_unary(
         self,
         method: str,
@@ -363,16 +354,7 @@ class LocalChannel:
         response_deserializer: Deserializer = None,
         **_: Any,
     ) -> Any:
-        return self._multi(method, request_serializer, response_deserializer, False)
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        **_: Any,
-    ) -> Any:
-        return self._multi(method, request_serializer, response_deserializer, False)
+        return _MultiCallable(self, method, request_serializer, response_deserializer, False)
 
     def stream_unary(
         self,
@@ -381,16 +363,12 @@ class LocalChannel:
         response_deserializer: Deserializer = None,
         **_: Any,
     ) -> Any:
-        return self._multi(method, request_serializer, response_deserializer, True)
+        return _MultiCallable(self, method, request_serializer, response_deserializer, True)
 
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        **_: Any,
-    ) -> Any:
-        return self._multi(method, request_serializer, response_deserializer, True)
+    # A call reads its answer as a stream or awaits it, whatever the method's kind: only
+    # whether the request is a stream tells the callables apart.
+    unary_stream = unary_unary
+    stream_stream = stream_unary
 
     async def channel_ready(self) -> None:
         return None
