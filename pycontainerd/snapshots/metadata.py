@@ -328,7 +328,7 @@ class NamespacedSnapshotter:
             bname = self._backend_key(ns, name)
             sync = self._sync
             done = False
-            if sync is not None and sync.cheap_create:
+            if sync is not None:
                 # A small snapshot is measured and committed, and the commit recorded,
                 # in one transaction on the database thread, as a prepare is.
                 committed = False
