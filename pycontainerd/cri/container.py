@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from pycontainerd.cri.store import (
     KIND_LABEL,
     ContainerMeta,
     ContainerStatus,
+    WireList,
     container_name,
 )
 from pycontainerd.errdefs import (
@@ -49,10 +51,12 @@ from pycontainerd.errdefs import (
     NotFound,
     PycdError,
 )
-from pycontainerd.grpc.transport import Wire, encode_field
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from pycontainerd.cri.images import ImageInfo
+    from pycontainerd.grpc.transport import Wire
 
 __all__ = ["MAX_EXEC_OUTPUT", "ContainerService"]
 
@@ -80,8 +84,7 @@ def _signal_number(name: str) -> int:
 class ContainerService:
     def __init__(self, rt: CRIRuntime) -> None:
         self.rt = rt
-        # Container id -> (state, its ListContainersResponse entry in wire form).
-        self._wire: dict[str, tuple[int, bytes]] = {}
+        self._wire = WireList()
 
     # ------------------------------------------------------------------ create
 
@@ -322,35 +325,28 @@ class ContainerService:
         return api_pb2.ContainerStatusResponse(status=status, info=info)
 
     async def list_containers(self, f: api_pb2.ContainerFilter | None) -> Wire:
-        """The ``ListContainersResponse`` for filter ``f``, in wire form.
-
-        A container's entry changes only with its state, so each is encoded once per
-        state and the answer is their concatenation: building a hundred messages per
-        call (kubelet lists every second or so) cost ~20 µs each.
-        """
+        """The ``ListContainersResponse`` for filter ``f``, in wire form (``WireList``)."""
         rt = self.rt
         await rt.ready()
-        old, cache = self._wire, {}
-        out = []
-        for c in list(rt.containers.values()):
-            state = c.status.state
-            hit = old.get(c.meta.id)
-            if hit is None or hit[0] != state:
-                hit = (state, encode_field(1, self._pb(c).SerializeToString()))
-            cache[c.meta.id] = hit
-            if f is not None:
-                if f.id and not c.meta.id.startswith(f.id):
-                    continue
-                if f.pod_sandbox_id and not c.meta.sandbox_id.startswith(f.pod_sandbox_id):
-                    continue
-                if f.HasField("state") and state != f.state.state:
-                    continue
-                labels = c.meta.config_pb().labels
-                if any(labels.get(k) != v for k, v in f.label_selector.items()):
-                    continue
-            out.append(hit[1])
-        self._wire = cache  # entries of removed containers drop out
-        return Wire(b"".join(out))
+
+        def listed(c: CRIContainer, state: int) -> bool:
+            if f is None:
+                return True
+            if f.id and not c.meta.id.startswith(f.id):
+                return False
+            if f.pod_sandbox_id and not c.meta.sandbox_id.startswith(f.pod_sandbox_id):
+                return False
+            if f.HasField("state") and state != f.state.state:
+                return False
+            labels = c.meta.config_pb().labels
+            return all(labels.get(k) == v for k, v in f.label_selector.items())
+
+        def items() -> Iterator[tuple[str, int, bool, Callable[[], api_pb2.Container]]]:
+            for c in list(rt.containers.values()):
+                state = c.status.state
+                yield c.meta.id, state, listed(c, state), functools.partial(self._pb, c)
+
+        return self._wire.answer(items())
 
     # ------------------------------------------------------------------ exec / update / logs
 

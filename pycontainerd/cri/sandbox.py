@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -40,20 +41,21 @@ from pycontainerd.cri.store import (
     KIND_LABEL,
     SANDBOX_KIND,
     SandboxMeta,
+    WireList,
     mount_shm,
     remove_sandbox_dir,
     sandbox_name,
     unmount_shm,
 )
 from pycontainerd.errdefs import InvalidArgument, NotFound, PycdError
-from pycontainerd.grpc.transport import Wire, encode_field
 from pycontainerd.network import PortMapping
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
     from pycontainerd.client.tasks import Task
     from pycontainerd.cri.images import ImageInfo
+    from pycontainerd.grpc.transport import Wire
     from pycontainerd.network import Result
 
 __all__ = ["SandboxService"]
@@ -101,8 +103,7 @@ def _prepare_host(
 class SandboxService:
     def __init__(self, rt: CRIRuntime) -> None:
         self.rt = rt
-        # Sandbox id -> (state, its ListPodSandboxResponse entry in wire form).
-        self._wire: dict[str, tuple[int, bytes]] = {}
+        self._wire = WireList()
 
     # ------------------------------------------------------------------ run
 
@@ -347,29 +348,26 @@ class SandboxService:
         return api_pb2.PodSandboxStatusResponse(status=status, info=info)
 
     async def list_sandboxes(self, f: api_pb2.PodSandboxFilter | None) -> Wire:
-        """The ``ListPodSandboxResponse`` for filter ``f``, in wire form (each pod's
-        entry encoded once per state, as ``ContainerService.list_containers`` does)."""
+        """The ``ListPodSandboxResponse`` for filter ``f``, in wire form (``WireList``)."""
         rt = self.rt
         await rt.ready()
-        old, cache = self._wire, {}
-        out = []
-        for sb in list(rt.sandboxes.values()):
-            state = api_pb2.SANDBOX_READY if sb.ready else api_pb2.SANDBOX_NOTREADY
-            hit = old.get(sb.meta.id)
-            if hit is None or hit[0] != state:
-                hit = (state, encode_field(1, self._pb(sb).SerializeToString()))
-            cache[sb.meta.id] = hit
-            if f is not None:
-                if f.id and not sb.meta.id.startswith(f.id):
-                    continue
-                if f.HasField("state") and state != f.state.state:
-                    continue
-                labels = sb.meta.config_pb().labels
-                if any(labels.get(k) != v for k, v in f.label_selector.items()):
-                    continue
-            out.append(hit[1])
-        self._wire = cache
-        return Wire(b"".join(out))
+
+        def listed(sb: Sandbox, state: int) -> bool:
+            if f is None:
+                return True
+            if f.id and not sb.meta.id.startswith(f.id):
+                return False
+            if f.HasField("state") and state != f.state.state:
+                return False
+            labels = sb.meta.config_pb().labels
+            return all(labels.get(k) == v for k, v in f.label_selector.items())
+
+        def items() -> Iterator[tuple[str, int, bool, Callable[[], api_pb2.PodSandbox]]]:
+            for sb in list(rt.sandboxes.values()):
+                state = api_pb2.SANDBOX_READY if sb.ready else api_pb2.SANDBOX_NOTREADY
+                yield sb.meta.id, state, listed(sb, state), functools.partial(self._pb, sb)
+
+        return self._wire.answer(items())
 
 
 async def _save_meta(rt: CRIRuntime, meta: SandboxMeta) -> None:
