@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from pycontainerd.client._client import RawClient
     from pycontainerd.client.content import ContentStore
 
-__all__ = ["Image", "ImageStore", "ResolvedImage", "gc_child_labels", "unpack"]
+__all__ = ["Image", "ImageStore", "ResolvedImage", "gc_child_labels", "snapshot_exists", "unpack"]
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_SNAPSHOT_PREFIX = "containerd.io/gc.ref.snapshot."
@@ -211,7 +211,7 @@ async def unpack(
     chains = chain_ids(diff_ids)
     parent = ""
     for layer, diff_id, chain in zip(layers, diff_ids, chains, strict=True):
-        if not await _snapshot_exists(client, snapshotter, chain):
+        if not await snapshot_exists(client, snapshotter, chain):
             await _apply_layer(client, snapshotter, layer, diff_id, chain, parent)
         await content.update_labels(layer.digest, {UNCOMPRESSED_LABEL: diff_id})
         parent = chain
@@ -221,7 +221,8 @@ async def unpack(
     return parent
 
 
-async def _snapshot_exists(client: RawClient, snapshotter: str, key: str) -> bool:
+async def snapshot_exists(client: RawClient, snapshotter: str, key: str) -> bool:
+    """Whether ``key`` names a snapshot in ``snapshotter`` (of the client's namespace)."""
     try:
         await client.call(
             client.snapshots_stub.Stat,

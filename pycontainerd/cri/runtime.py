@@ -27,11 +27,10 @@ from pycontainerd import typeurl
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.api.events import task_pb2 as events_task_pb2
 from pycontainerd.api.services.containers.v1 import containers_pb2
-from pycontainerd.api.services.snapshots.v1 import snapshots_pb2
 from pycontainerd.api.services.tasks.v1 import tasks_pb2
 from pycontainerd.api.types.task import task_pb2
 from pycontainerd.client import Client
-from pycontainerd.client.images import Image, unpack
+from pycontainerd.client.images import Image, snapshot_exists, unpack
 from pycontainerd.cri import logserver
 from pycontainerd.cri.images import ImageCatalog
 from pycontainerd.cri.spec import OomPolicy
@@ -392,15 +391,9 @@ class CRIRuntime:
         """
         snap = self.cfg.snapshotter
         chain = self._chains.get(img.target.digest)
-        if chain is not None:
-            try:
-                await self.client.call(
-                    self.client.snapshots_stub.Stat,
-                    snapshots_pb2.StatSnapshotRequest(snapshotter=snap, key=chain),
-                )
-                return chain
-            except NotFound:
-                del self._chains[img.target.digest]  # collected since: unpack again
+        if chain is not None and await snapshot_exists(self.client, snap, chain):
+            return chain
+        # First use, or the snapshots were collected since: unpack (again).
         chain = await unpack(self.client, self.client.images, img, snap)
         self._chains[img.target.digest] = chain
         return chain
