@@ -85,10 +85,6 @@ class MetadataDB:
 
         return await self._run(lambda: self._view_inline(fn))
 
-    def view_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``view`` for code already running on a worker thread (never on the loop)."""
-        return self._executor.submit(lambda: self._view_inline(fn)).result()
-
     def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read-only closure on the calling worker thread (never the loop), over a
         connection of that thread's own: no hop to the database thread. It sees every
