@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from pycontainerd.grpc.transport import STREAMING_KINDS, Server, Wire
+from pycontainerd.grpc.transport import STREAMING_KINDS, Server, StatusContext, Wire
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Generator, Iterable
@@ -57,10 +57,10 @@ def _copy(msg: Any, ser: Serializer, des: Deserializer) -> Any:
     return des(wire) if des is not None else wire
 
 
-class _Context:
+class _Context(StatusContext):
     """The servicer context of an in-process call (what ``ServicerContext`` offers)."""
 
-    __slots__ = ("_callbacks", "_code", "_deadline", "_details", "_done", "_metadata", "_out")
+    __slots__ = ("_deadline", "_done", "_metadata", "_out")
 
     def __init__(
         self,
@@ -68,12 +68,10 @@ class _Context:
         deadline: float | None,
         out: asyncio.Queue[Any] | None = None,
     ) -> None:
+        super().__init__()
         self._metadata = metadata
         self._deadline = deadline
-        self._code: grpc.StatusCode | None = None
-        self._details = ""
         self._done = False
-        self._callbacks: list[Callable[[_Context], None]] = []
         self._out = out
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
@@ -92,35 +90,8 @@ class _Context:
     def done(self) -> bool:
         return self._done
 
-    def add_done_callback(self, cb: Callable[[_Context], None]) -> None:
-        self._callbacks.append(cb)
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def set_trailing_metadata(self, metadata: Metadata) -> None:
-        return None
-
     async def send_initial_metadata(self, metadata: Metadata) -> None:
         return None
-
-    def disable_next_message_compression(self) -> None:
-        return None
-
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
-    ) -> None:
-        self._code, self._details = code, details
-        raise grpc.aio.AbortError()
 
     async def write(self, message: Any) -> None:
         if self._out is None:
@@ -129,11 +100,7 @@ class _Context:
 
     def finish(self) -> None:
         self._done = True
-        for cb in self._callbacks:
-            try:
-                cb(self)
-            except Exception:
-                log.exception("done callback failed")
+        self._run_callbacks()
 
     def status(self, exc: BaseException | None) -> grpc.aio.AioRpcError | None:
         """The error a client sees for how the behaviour ended (None: OK)."""

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STREAMING_KINDS", "Server", "ServicerContext", "Wire", "encode_field"]
+__all__ = ["STREAMING_KINDS", "Server", "ServicerContext", "StatusContext", "Wire", "encode_field"]
 
 _UNARY_UNARY, _UNARY_STREAM, _STREAM_UNARY, _STREAM_STREAM = range(4)
 # The RPC kinds (first item of an ``Rpc``) whose responses are a stream.
@@ -121,35 +121,20 @@ class _Abort(Exception):
         self.details = details
 
 
-class ServicerContext:
-    """Per-RPC context handed to behaviours (the parts of grpc.aio's this project uses)."""
+class StatusContext:
+    """What every servicer context here keeps: the status the behaviour sets or aborts
+    with, trailing metadata and done callbacks (the parts of grpc.aio's context this
+    project uses that do not depend on how the call travels)."""
 
-    __slots__ = ("_callbacks", "_code", "_details", "_stream", "_trailing")
+    __slots__ = ("_callbacks", "_code", "_details", "_trailing")
 
-    def __init__(self, stream: _Stream) -> None:
-        self._stream = stream
+    def __init__(self) -> None:
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: list[tuple[str, str | bytes]] = []
-        self._callbacks: list[Callable[[ServicerContext], None]] = []
+        self._callbacks: list[Callable[[Any], None]] = []
 
-    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return self._stream.metadata
-
-    def peer(self) -> str:
-        return self._stream.conn.peer
-
-    def time_remaining(self) -> float | None:
-        deadline = self._stream.deadline
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-    def cancelled(self) -> bool:
-        return self._stream.cancelled
-
-    def done(self) -> bool:
-        return self._stream.finished
-
-    def add_done_callback(self, cb: Callable[[ServicerContext], None]) -> None:
+    def add_done_callback(self, cb: Callable[[Any], None]) -> None:
         self._callbacks.append(cb)
 
     def set_code(self, code: grpc.StatusCode) -> None:
@@ -167,9 +152,6 @@ class ServicerContext:
     def set_trailing_metadata(self, metadata: Metadata) -> None:
         self._trailing = list(metadata)
 
-    async def send_initial_metadata(self, metadata: Metadata) -> None:
-        self._stream.send_headers(metadata)
-
     def disable_next_message_compression(self) -> None:
         return None
 
@@ -182,15 +164,44 @@ class ServicerContext:
         # grpc.aio raises AbortError too; interceptors let it through untouched.
         raise grpc.aio.AbortError()
 
-    async def write(self, message: Any) -> None:
-        await self._stream.write(message)
-
     def _run_callbacks(self) -> None:
         for cb in self._callbacks:
             try:
                 cb(self)
             except Exception:
                 log.exception("done callback failed")
+
+
+class ServicerContext(StatusContext):
+    """Per-RPC context handed to behaviours of a call over a connection."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: _Stream) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._stream.metadata
+
+    def peer(self) -> str:
+        return self._stream.conn.peer
+
+    def time_remaining(self) -> float | None:
+        deadline = self._stream.deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def cancelled(self) -> bool:
+        return self._stream.cancelled
+
+    def done(self) -> bool:
+        return self._stream.finished
+
+    async def send_initial_metadata(self, metadata: Metadata) -> None:
+        self._stream.send_headers(metadata)
+
+    async def write(self, message: Any) -> None:
+        await self._stream.write(message)
 
 
 class _Stream(H2Stream):
