@@ -275,8 +275,11 @@ async def test_update_usage_walk(env: Env) -> None:
         await sn.walk(["labels.=="])
 
 
-@pytest.mark.root
-async def test_overlay_mount_shapes_through_layer(tmp_path: Path) -> None:
+@pytest.fixture
+async def overlay(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[NamespacedSnapshotter, OverlaySnapshotter]]:
+    """The namespaced layer over a real overlayfs backend (skips where overlay is refused)."""
     try:
         check_supported(tmp_path / "probe")
     except OSError as exc:
@@ -285,63 +288,60 @@ async def test_overlay_mount_shapes_through_layer(tmp_path: Path) -> None:
     await db.open()
     backend = OverlaySnapshotter(tmp_path / "overlay")
     try:
-        sn = SnapshotService(db, {"overlayfs": backend}).get("overlayfs")
         use("default")
-        (m,) = await sn.prepare("a")
-        assert (m.type, m.options) == ("bind", ("rw", "rbind"))
-        await sn.commit("A", "a")
-        (m,) = await sn.prepare("b", "A")
-        assert m.type == "overlay" and m.source == "overlay"
-        assert [o.split("=")[0] for o in m.options] == [
-            *(["index"] if backend.index_off else []),
-            "workdir",
-            "upperdir",
-            "lowerdir",
-        ]
-        await sn.commit("B", "b")
-        (m,) = await sn.view("v1", "A")
-        assert (m.type, m.options) == ("bind", ("ro", "rbind"))
-        (m,) = await sn.view("v2", "B")
-        assert m.type == "overlay"
-        assert [o for o in m.options if o.startswith(("upperdir", "workdir"))] == []
-        assert len(next(o for o in m.options if o.startswith("lowerdir=")).split(":")) == 2
+        yield SnapshotService(db, {"overlayfs": backend}).get("overlayfs"), backend
     finally:
         await backend.close()
         await db.close()
 
 
 @pytest.mark.root
-async def test_overlay_commit_small_and_big_through_layer(tmp_path: Path) -> None:
+async def test_overlay_mount_shapes_through_layer(
+    overlay: tuple[NamespacedSnapshotter, OverlaySnapshotter],
+) -> None:
+    sn, backend = overlay
+    (m,) = await sn.prepare("a")
+    assert (m.type, m.options) == ("bind", ("rw", "rbind"))
+    await sn.commit("A", "a")
+    (m,) = await sn.prepare("b", "A")
+    assert m.type == "overlay" and m.source == "overlay"
+    assert [o.split("=")[0] for o in m.options] == [
+        *(["index"] if backend.index_off else []),
+        "workdir",
+        "upperdir",
+        "lowerdir",
+    ]
+    await sn.commit("B", "b")
+    (m,) = await sn.view("v1", "A")
+    assert (m.type, m.options) == ("bind", ("ro", "rbind"))
+    (m,) = await sn.view("v2", "B")
+    assert m.type == "overlay"
+    assert [o for o in m.options if o.startswith(("upperdir", "workdir"))] == []
+    assert len(next(o for o in m.options if o.startswith("lowerdir=")).split(":")) == 2
+
+
+@pytest.mark.root
+async def test_overlay_commit_small_and_big_through_layer(
+    overlay: tuple[NamespacedSnapshotter, OverlaySnapshotter],
+) -> None:
     """On overlayfs a small snapshot commits in the database thread's transaction and a
     big one (more than SMALL_SNAPSHOT entries) through the worker path: both recorded,
     with their usage, and the active keys gone."""
-    try:
-        check_supported(tmp_path / "probe")
-    except OSError as exc:
-        pytest.skip(f"overlayfs not usable here: {exc}")
-    db = MetadataDB(tmp_path / "meta.db")
-    await db.open()
-    backend = OverlaySnapshotter(tmp_path / "overlay")
-    try:
-        sn = SnapshotService(db, {"overlayfs": backend}).get("overlayfs")
-        use("default")
-        for key, files in (("small", 2), ("big", SMALL_SNAPSHOT + 5)):
-            (m,) = await sn.prepare(key)
-            root = Path(m.source)  # a parentless snapshot is a bind mount of its dir
+    sn, _ = overlay
+    for key, files in (("small", 2), ("big", SMALL_SNAPSHOT + 5)):
+        (m,) = await sn.prepare(key)
+        root = Path(m.source)  # a parentless snapshot is a bind mount of its dir
 
-            def fill(root: Path = root, files: int = files) -> None:
-                for i in range(files):
-                    (root / f"f{i}").write_text("x")
+        def fill(root: Path = root, files: int = files) -> None:
+            for i in range(files):
+                (root / f"f{i}").write_text("x")
 
-            await asyncio.to_thread(fill)
-            await sn.commit(key.upper(), key)
-            assert (await sn.stat(key.upper())).kind == Kind.COMMITTED
-            with pytest.raises(NotFound):
-                await sn.stat(key)
-            assert (await sn.usage(key.upper())).inodes == files + 1
-    finally:
-        await backend.close()
-        await db.close()
+        await asyncio.to_thread(fill)
+        await sn.commit(key.upper(), key)
+        assert (await sn.stat(key.upper())).kind == Kind.COMMITTED
+        with pytest.raises(NotFound):
+            await sn.stat(key)
+        assert (await sn.usage(key.upper())).inodes == files + 1
 
 
 async def test_prune_removes_unreferenced_backend_snapshots(env: Env) -> None:
