@@ -40,6 +40,7 @@ from pycontainerd.snapshots import storage
 from pycontainerd.snapshots.snapshotter import Info, Kind, Usage, filter_infos
 
 if TYPE_CHECKING:
+    import sqlite3
     from collections.abc import Mapping, Sequence
 
     from pycontainerd.snapshots.mount import Mount
@@ -97,6 +98,17 @@ def _walk_usage(root: Path, limit: int | None) -> Usage | None:
             if stat.S_ISDIR(est.st_mode):
                 stack.append(entry.path)
     return Usage(size=size, inodes=len(seen))
+
+
+def _committable(conn: sqlite3.Connection, name: str, key: str) -> str:
+    """The id of active snapshot ``key``, to be committed as ``name`` (AlreadyExists,
+    NotFound or FailedPrecondition otherwise)."""
+    if storage.lookup(conn, name) is not None:
+        raise AlreadyExists(f"committed snapshot {name!r}")
+    sid, info, _ = storage.get_info(conn, key)
+    if info.kind != Kind.ACTIVE:
+        raise FailedPrecondition(f"snapshot {key!r} is not active")
+    return sid
 
 
 def _remove_dir(path: Path) -> None:
@@ -257,11 +269,7 @@ class LocalSnapshotter:
         labels = labelutil.validate(labels)
         for _ in range(3):
             with self._ms.read() as conn:
-                if storage.lookup(conn, name) is not None:
-                    raise AlreadyExists(f"committed snapshot {name!r}")
-                sid, info, _ = storage.get_info(conn, key)
-            if info.kind != Kind.ACTIVE:
-                raise FailedPrecondition(f"snapshot {key!r} is not active")
+                sid = _committable(conn, name, key)
             usage = disk_usage(self.fs_path(sid))  # outside the lock, like _usage
             with self._ms.write() as conn:
                 found = storage.lookup(conn, key)
@@ -277,12 +285,7 @@ class LocalSnapshotter:
         done, for a bigger one (use ``commit_sync``, which measures outside the lock)."""
         labels = labelutil.validate(labels)
         with self._ms.write() as conn:
-            if storage.lookup(conn, name) is not None:
-                raise AlreadyExists(f"committed snapshot {name!r}")
-            sid, info, _ = storage.get_info(conn, key)
-            if info.kind != Kind.ACTIVE:
-                raise FailedPrecondition(f"snapshot {key!r} is not active")
-            usage = small_disk_usage(self.fs_path(sid), SMALL_SNAPSHOT)
+            usage = small_disk_usage(self.fs_path(_committable(conn, name, key)), SMALL_SNAPSHOT)
             if usage is None:
                 return False
             storage.commit_active(conn, key, name, usage, labels)
