@@ -17,7 +17,6 @@ import asyncio
 import ctypes
 import errno
 import fcntl
-import functools
 import logging
 import os
 import threading
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pycontainerd import identifiers
 from pycontainerd.errdefs import AlreadyExists, InvalidArgument, NotFound, PycdError
+from pycontainerd.snapshots.mount import libc
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,23 +62,6 @@ _creating_lock = threading.Lock()
 T = TypeVar("T")
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    # One handle for the process: ctypes keeps errno per thread, so sharing it is safe.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.mount.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_ulong,
-        ctypes.c_void_p,
-    ]
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    libc.unshare.argtypes = [ctypes.c_int]
-    libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-    return libc
-
-
 def _errno_error(what: str, path: str | os.PathLike[str]) -> OSError:
     err = ctypes.get_errno()
     return OSError(err, f"{what}: {os.strerror(err)}", os.fspath(path))
@@ -112,7 +95,7 @@ def _remove_sync(path: Path) -> bool:
         return False
     # MNT_DETACH: a process still inside keeps the namespace alive, as the kernel intends;
     # the name is gone either way, so the path can be reused at once.
-    if _libc().umount2(os.fsencode(path), _MNT_DETACH) != 0:
+    if libc.umount2(os.fsencode(path), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             raise OSError(err, os.strerror(err), str(path))
@@ -136,7 +119,6 @@ def _share_dir(directory: Path) -> None:
         # Under the lock, so concurrent first creates do not stack several self binds.
         if key in _shared_dirs:
             return
-        libc = _libc()
         target = os.fsencode(key)
         if libc.mount(b"none", target, None, _MS_SHARED | _MS_REC, None) != 0:
             if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point
@@ -160,7 +142,6 @@ def _bind_new_netns(path: Path) -> None:
 
     def body() -> None:
         try:
-            libc = _libc()
             # The thread's own entry: /proc/self/ns/net is the main thread's namespace.
             own = f"/proc/self/task/{threading.get_native_id()}/ns/net"
             orig = os.open(own, os.O_RDONLY | os.O_CLOEXEC)
@@ -277,7 +258,6 @@ class NetnsStore:
 
 def _call_in_netns(path: str | os.PathLike[str], fn: Callable[[], T]) -> T:
     """On a thread of its own: enter namespace ``path``, call ``fn``, switch back."""
-    libc = _libc()
     orig = os.open(
         f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC
     )
@@ -350,7 +330,6 @@ def unmount_netns_dir(directory: str | os.PathLike[str]) -> None:
         _remove_sync(d / name)
     with _shared_lock:
         _shared_dirs.discard(os.fspath(d.resolve()))
-        libc = _libc()
         # Older code (pyroute2) bound the directory on itself once per create that found
         # it unshared; unmount until the kernel says it is no mount point.
         for _ in range(8):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-__all__ = ["Mount", "mount_all", "temp_mount", "unmount", "unmount_all"]
+__all__ = ["Mount", "libc", "mount_all", "temp_mount", "unmount", "unmount_all"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ _FLAGS: dict[str, tuple[bool, int]] = {
 
 _PAGESIZE = os.sysconf("SC_PAGESIZE")
 
-# Named directly: ctypes.util.find_library runs ldconfig (~40 ms of daemon start-up).
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+# One libc handle for the daemon's mount and namespace calls (``network.netns`` too);
+# ctypes keeps errno per thread, so sharing it is safe. Named directly:
+# ctypes.util.find_library runs ldconfig (~40 ms of daemon start-up).
+libc = _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
@@ -112,6 +114,8 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.unshare.restype = ctypes.c_int
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.setns.restype = ctypes.c_int
 _CLONE_FS = 0x200
 
 
