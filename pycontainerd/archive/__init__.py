@@ -28,7 +28,7 @@ from pycontainerd.archive.errors import (
     UnsupportedMediaType,
 )
 from pycontainerd.archive.rootpath import root_path
-from pycontainerd.archive.tar import ApplyResult, apply_layer
+from pycontainerd.archive.tar import ApplyResult, apply_layer, copy_implied_parents
 
 __all__ = [
     "ApplyResult",
@@ -41,6 +41,7 @@ __all__ = [
     "apply_layer",
     "compress",
     "compression_for_media_type",
+    "copy_implied_parents",
     "decompress_stream",
     "root_path",
     "write_diff",

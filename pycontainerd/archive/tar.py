@@ -44,7 +44,13 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
 
-__all__ = ["WHITEOUT_OPAQUE", "WHITEOUT_PREFIX", "ApplyResult", "apply_layer"]
+__all__ = [
+    "WHITEOUT_OPAQUE",
+    "WHITEOUT_PREFIX",
+    "ApplyResult",
+    "apply_layer",
+    "copy_implied_parents",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +79,16 @@ class _Source(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """The diff ID (sha256 of the uncompressed stream) and its length in bytes."""
+    """The diff ID (sha256 of the uncompressed stream) and its length in bytes.
+
+    ``implied`` lists the parent directories the layer implied without an entry of their
+    own (paths relative to the root, parents first), when the apply deferred copying
+    their attributes (``defer_parents``): :func:`copy_implied_parents` does it later.
+    """
 
     digest: str
     size: int
+    implied: tuple[str, ...] = ()
 
 
 class _HashingReader:
@@ -113,6 +125,7 @@ def apply_layer(
     overlay: bool,
     lower_dirs: Sequence[Path | str] = (),
     cancel: threading.Event | None = None,
+    defer_parents: bool = False,
 ) -> ApplyResult:
     """Unpack the uncompressed layer ``stream`` into ``root``; return its diff ID and size.
 
@@ -120,6 +133,8 @@ def apply_layer(
     expects and ``lower_dirs`` (topmost first) supply attributes for implied parent
     directories. ``overlay=False``: whiteouts delete from ``root`` (a merged view or a
     native snapshot). ``cancel`` is polled between entries and data chunks.
+    ``defer_parents``: the lower layers are not known yet (the layer is staged before its
+    parent is unpacked); implied parents are listed in the result instead.
 
     Raises :class:`InvalidArchive` for malformed or refused input, :class:`ArchiveCanceled`
     when cancelled, :class:`ArchiveError` for filesystem failures.
@@ -128,6 +143,8 @@ def apply_layer(
     applier = _Applier(
         os.path.abspath(root), overlay, [os.path.abspath(p) for p in lower_dirs], cancel
     )
+    if defer_parents:
+        applier.implied = {}
     reader = TarReader(src)
     while True:
         applier.check_cancel()
@@ -146,7 +163,35 @@ def apply_layer(
     except OSError as exc:
         raise ArchiveError(f"failed to set directory times: {exc}") from exc
     reader.drain(applier.check_cancel)
-    return ApplyResult(digest=src.digest(), size=src.size)
+    implied = tuple(applier.implied or ())
+    return ApplyResult(digest=src.digest(), size=src.size, implied=implied)
+
+
+def copy_implied_parents(
+    root: Path | str, implied: Sequence[str], lower_dirs: Sequence[Path | str]
+) -> None:
+    """Give the implied parents of a deferred apply what the apply would have given them.
+
+    In order, parents first: the attributes of the same directory in the first lower layer
+    that has that path, keeping the modification time (entries created inside set it);
+    a directory no lower layer has keeps its defaults, but takes its parent's group when
+    that parent is setgid, as the kernel gives a directory made inside one. Blocking.
+    """
+    applier = _Applier(os.path.abspath(root), True, [os.path.abspath(p) for p in lower_dirs], None)
+    for rel in implied:
+        path = applier.root + "/" + rel
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed again later in the layer
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        if applier.copy_parent_info(path, keep_mtime_ns=st.st_mtime_ns):
+            continue
+        parent = os.lstat(os.path.dirname(path))
+        if parent.st_mode & stat.S_ISGID and parent.st_gid != st.st_gid:
+            os.chown(path, -1, parent.st_gid, follow_symlinks=False)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 class _Applier:
@@ -161,6 +206,8 @@ class _Applier:
         # marker comes after them in the archive.
         self.unpacked: set[str] = set()
         self.dirs: list[tuple[list[str], Header]] = []
+        # Set when parents are deferred: implied directories by relative path, in order.
+        self.implied: dict[str, None] | None = None
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -196,6 +243,9 @@ class _Applier:
         self._create(hdr, path, reader, merge_dir=is_dir)
         if hdr.type == tarfile.DIRTYPE:
             self.dirs.append((comps, hdr))
+            if self.implied:
+                # Its own entry gave it its attributes: nothing to copy later.
+                self.implied.pop(path[len(self.root) + 1 :], None)
         self.unpacked.add(path)
 
     def _mkparent(self, ppath: str) -> None:
@@ -215,9 +265,14 @@ class _Applier:
         for directory in reversed(missing):
             os.mkdir(directory, 0o755)
             os.chmod(directory, 0o755)  # not masked by the umask, as containerd's mkdir
-            self._copy_parent_info(directory)
+            if self.implied is not None:
+                self.implied[directory[len(self.root) + 1 :]] = None
+            else:
+                self.copy_parent_info(directory)
 
-    def _copy_parent_info(self, directory: str) -> None:
+    def copy_parent_info(self, directory: str, keep_mtime_ns: int | None = None) -> bool:
+        """Copy ``directory``'s attributes from the first lower layer that has its path;
+        whether one had it as a directory."""
         rel = directory[len(self.root) + 1 :]
         for lower in self.parents:
             candidate = root_path(lower, rel)
@@ -225,9 +280,13 @@ class _Applier:
                 st = os.lstat(candidate)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                copy_dir_info(candidate, directory)
-            return  # replaced by a non-directory in that layer: keep the defaults
+            if not stat.S_ISDIR(st.st_mode):
+                return False  # replaced by a non-directory in that layer: keep the defaults
+            copy_dir_info(candidate, directory)
+            if keep_mtime_ns is not None:
+                os.utime(directory, ns=(st.st_atime_ns, keep_mtime_ns), follow_symlinks=False)
+            return True
+        return False
 
     def _whiteout(self, hdr: Header, ppath: str, base: str) -> None:
         if base == WHITEOUT_OPAQUE:

@@ -9,7 +9,7 @@ import stat
 import tarfile
 from typing import TYPE_CHECKING
 
-from pycontainerd.archive import apply_layer, write_diff
+from pycontainerd.archive import apply_layer, copy_implied_parents, write_diff
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -177,3 +177,40 @@ def test_round_trip_overlay_upper(tar, tmp_path: Path, snapshot_tree) -> None:
     assert "del/.wh.me" in names
     apply_layer(target, io.BytesIO(out.getvalue()), overlay=False)
     assert snapshot_tree(target) == snapshot_tree(naive)
+
+
+def test_deferred_parents_match_a_direct_apply(tar, snapshot_tree, tmp_path: Path) -> None:
+    """A layer applied before its lower layers are known (``defer_parents``), then given
+    their attributes (``copy_implied_parents``), is the layer applied onto them directly:
+    implied parents copy the lower directory, keep their new mtime, and a directory made
+    inside a setgid parent takes the parent's group."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    base = tar().dir("srv").dir("srv/shared", mode=0o2775, gid=50)
+    base.dir("srv/private", mode=0o700, uid=1000, gid=1000)
+    apply_layer(lower, io.BytesIO(base.bytes()), overlay=False)
+    os.setxattr(lower / "srv/shared", "user.kind", b"shared")
+    top = tar().file("srv/shared/deep/f", b"f").file("srv/private/g", b"g", uid=1000)
+    top.file("new/dir/h", b"h").dir("srv/listed", mode=0o750).file("srv/listed/i", b"i")
+    data = top.bytes()
+
+    direct, staged = tmp_path / "direct", tmp_path / "staged"
+    direct.mkdir()
+    staged.mkdir()
+    want = apply_layer(direct, io.BytesIO(data), overlay=True, lower_dirs=[lower])
+    got = apply_layer(staged, io.BytesIO(data), overlay=True, defer_parents=True)
+    assert got.digest == want.digest
+    assert set(got.implied) == {
+        "srv",
+        "srv/shared",
+        "srv/shared/deep",
+        "srv/private",
+        "new",
+        "new/dir",
+    }
+    assert snapshot_tree(staged) != snapshot_tree(direct)  # before the fix-up
+    copy_implied_parents(staged, got.implied, [lower])
+    assert snapshot_tree(staged) == snapshot_tree(direct)
+    st = os.lstat(staged / "srv/shared/deep")
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o755, 50)
+    assert os.getxattr(staged / "srv/shared", "user.kind") == b"shared"
