@@ -20,7 +20,8 @@ Hierarchy::
     ├── DataLoss             DATA_LOSS
     ├── ResourceExhausted    RESOURCE_EXHAUSTED
     ├── Canceled             CANCELLED
-    └── DeadlineExceeded     DEADLINE_EXCEEDED
+    ├── DeadlineExceeded     DEADLINE_EXCEEDED
+    └── Unauthorized         UNAUTHENTICATED (a registry refused the credentials)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "OutOfRange",
     "PycdError",
     "ResourceExhausted",
+    "Unauthorized",
     "Unavailable",
     "Unimplemented",
     "from_rpc_error",
@@ -126,6 +128,13 @@ class DeadlineExceeded(PycdError):
     text = "context deadline exceeded"
 
 
+class Unauthorized(PycdError):
+    """A registry refused our credentials (or we had none to give)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    text = "unauthorized"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[PycdError]] = {
     cls.code: cls
     for cls in (
@@ -141,6 +150,7 @@ _BY_CODE: dict[grpc.StatusCode, type[PycdError]] = {
         ResourceExhausted,
         Canceled,
         DeadlineExceeded,
+        Unauthorized,
     )
 }
 

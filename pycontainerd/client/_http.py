@@ -27,6 +27,10 @@ __all__ = ["HTTPClient", "Response"]
 MAX_HEADER_LINE = 64 << 10
 MAX_HEADERS = 200
 READ_CHUNK = 1 << 20
+# The stream reader's buffer limit: it stops reading the socket at twice this. At the
+# 64 KiB a header line needs, a blob's body came in 128 KiB pieces, with the socket
+# taken off and put back on epoll for each; header lines are checked on their own.
+STREAM_LIMIT = READ_CHUNK
 
 
 @dataclass(slots=True)
@@ -96,9 +100,16 @@ class Response:
                 await writer.wait_closed()
 
 
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    line = await reader.readuntil(b"\r\n")
+    if len(line) > MAX_HEADER_LINE:
+        raise ValueError(f"a header line of {len(line)} bytes")
+    return line
+
+
 async def _chunked(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
     while True:
-        line = await reader.readuntil(b"\r\n")
+        line = await _line(reader)
         size = int(line.split(b";", 1)[0].strip() or b"0", 16)
         if size == 0:
             # Trailers, then the final empty line.
@@ -119,7 +130,15 @@ class HTTPClient:
     """Requests over fresh connections; ``ssl_context`` verifies ``https`` servers."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.ssl_context = ssl_context or ssl.create_default_context()
+        self._ssl_context = ssl_context
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        # Made on first use: loading the system's roots takes tens of milliseconds, which
+        # a plain-HTTP registry never needs.
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     async def request(
         self,
@@ -142,7 +161,7 @@ class HTTPClient:
                 port,
                 ssl=self.ssl_context if tls else None,
                 server_hostname=parts.hostname if tls else None,
-                limit=MAX_HEADER_LINE,
+                limit=STREAM_LIMIT,
             )
         except ssl.SSLCertVerificationError as exc:
             raise Unavailable(f"{url}: TLS certificate not trusted: {exc.verify_message}") from exc
@@ -194,14 +213,14 @@ class HTTPClient:
         await writer.drain()
 
     async def _read_head(self, reader: asyncio.StreamReader, resp: Response) -> None:
-        status_line = (await reader.readuntil(b"\r\n")).decode("latin-1").rstrip("\r\n")
+        status_line = (await _line(reader)).decode("latin-1").rstrip("\r\n")
         version, _, rest = status_line.partition(" ")
         if not version.startswith("HTTP/"):
             raise ValueError(f"not an HTTP response: {status_line[:60]!r}")
         code, _, reason = rest.partition(" ")
         resp.status, resp.reason = int(code), reason
         for _ in range(MAX_HEADERS):
-            line = (await reader.readuntil(b"\r\n")).decode("latin-1").rstrip("\r\n")
+            line = (await _line(reader)).decode("latin-1").rstrip("\r\n")
             if not line:
                 return
             k, _, v = line.partition(":")

@@ -17,7 +17,7 @@ import json
 import re
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from pycontainerd.client._http import HTTPClient, Response
@@ -38,6 +38,7 @@ from pycontainerd.errdefs import (
     InvalidArgument,
     NotFound,
     PycdError,
+    Unauthorized,
     Unavailable,
 )
 
@@ -53,18 +54,13 @@ MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
-class Unauthorized(PycdError):
-    """The registry refused our credentials (or we had none to give)."""
-
-    text: ClassVar[str] = "unauthorized"
-
-
 @dataclass(frozen=True, slots=True)
 class RegistryHost:
     """How to reach one registry host."""
 
     insecure: bool = False  # speak plain HTTP to it (never implied)
     ca_file: str | None = None
+    ca_pem: str = ""  # the CA certificates themselves, instead of a file
     username: str = ""
     password: str = ""
 
@@ -110,7 +106,11 @@ class Registry:
     def _client(self, host: str) -> HTTPClient:
         if host not in self._http:
             cfg = self.config(host)
-            ctx = ssl.create_default_context(cafile=cfg.ca_file) if cfg.ca_file else None
+            ctx = None
+            if cfg.ca_pem:
+                ctx = ssl.create_default_context(cadata=cfg.ca_pem)
+            elif cfg.ca_file:
+                ctx = ssl.create_default_context(cafile=cfg.ca_file)
             self._http[host] = HTTPClient(ctx)
         return self._http[host]
 
