@@ -13,6 +13,7 @@ from pycontainerd.plugins import (
     events,
     gc,
     images,
+    pull,
     snapshots,
     tasks,
 )
@@ -43,6 +44,7 @@ BUILTINS: tuple[Registration[Any], ...] = (
     content.service,
     snapshots.service,
     diff.service,
+    pull.pull,
     images.images,
     containers.containers,
     tasks.tasks,

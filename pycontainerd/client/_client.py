@@ -27,6 +27,7 @@ from pycontainerd.api.services.events.v1 import events_pb2_grpc
 from pycontainerd.api.services.images.v1 import images_pb2_grpc
 from pycontainerd.api.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from pycontainerd.api.services.namespaces.v1 import namespace_pb2, namespace_pb2_grpc
+from pycontainerd.api.services.pull.v1 import pull_pb2_grpc
 from pycontainerd.api.services.snapshots.v1 import snapshots_pb2_grpc
 from pycontainerd.api.services.tasks.v1 import tasks_pb2_grpc
 from pycontainerd.api.services.version.v1 import version_pb2_grpc
@@ -117,6 +118,7 @@ class RawClient:
         self.tasks_stub = tasks_pb2_grpc.TasksStub(channel)
         self.events_stub = events_pb2_grpc.EventsStub(channel)
         self.version_stub = version_pb2_grpc.VersionStub(channel)
+        self.pull_stub = pull_pb2_grpc.PullStub(channel)  # pycontainerd's own
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -128,8 +128,12 @@ class Client(RawClient):
         snapshotter: str | None = None,
         concurrency: int = 4,
         progress: Callable[[Progress], None] | None = None,
+        in_daemon: bool | None = None,
     ) -> Image:
-        """Fetch ``ref`` (host platform of an index), record the image, unpack it."""
+        """Fetch ``ref`` (host platform of an index), record the image, unpack it.
+
+        The daemon does it when it has pycontainerd's Pull service (``in_daemon``: None
+        picks, True insists, False pulls through this process)."""
         return await pull(
             self,
             ref,
@@ -139,6 +143,7 @@ class Client(RawClient):
             snapshotter=snapshotter,
             concurrency=concurrency,
             progress=progress,
+            in_daemon=in_daemon,
         )
 
     async def push(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -39,10 +40,21 @@ from pycontainerd.client.oci import (
 from pycontainerd.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pycontainerd.api.types import mount_pb2
     from pycontainerd.client._client import RawClient
     from pycontainerd.client.content import ContentStore
 
-__all__ = ["Image", "ImageStore", "ResolvedImage", "gc_child_labels", "snapshot_exists", "unpack"]
+__all__ = [
+    "Image",
+    "ImageStore",
+    "LayerApplier",
+    "ResolvedImage",
+    "gc_child_labels",
+    "snapshot_exists",
+    "unpack",
+]
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_SNAPSHOT_PREFIX = "containerd.io/gc.ref.snapshot."
@@ -192,12 +204,19 @@ async def gc_child_labels(content: ContentStore, desc: Descriptor) -> list[Descr
     return present
 
 
+# Applies a layer onto the mounts of its fresh snapshot another way than Diff.Apply
+# (the daemon's pull moves in a layer it unpacked while downloading it): returns the
+# layer's diff ID, or None to have Diff.Apply do it.
+LayerApplier = Callable[[Descriptor, "Sequence[mount_pb2.Mount]"], Awaitable[str | None]]
+
+
 async def unpack(
     client: RawClient,
     images: ImageStore,
     image: Image,
     snapshotter: str,
     platform: Platform | None = None,
+    applier: LayerApplier | None = None,
 ) -> str:
     """Apply ``image``'s layers into ``snapshotter``; return the top chain ID."""
     resolved = await images.resolve(image, platform)
@@ -212,7 +231,7 @@ async def unpack(
     parent = ""
     for layer, diff_id, chain in zip(layers, diff_ids, chains, strict=True):
         if not await snapshot_exists(client, snapshotter, chain):
-            await _apply_layer(client, snapshotter, layer, diff_id, chain, parent)
+            await _apply_layer(client, snapshotter, layer, diff_id, chain, parent, applier)
         await content.update_labels(layer.digest, {UNCOMPRESSED_LABEL: diff_id})
         parent = chain
     await content.update_labels(
@@ -240,6 +259,7 @@ async def _apply_layer(
     diff_id: str,
     chain: str,
     parent: str,
+    applier: LayerApplier | None = None,
 ) -> None:
     key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
     snaps = client.snapshots_stub
@@ -249,13 +269,16 @@ async def _apply_layer(
     )
     committed = False
     try:
-        applied = await client.call(
-            client.diff_stub.Apply,
-            diff_pb2.ApplyRequest(diff=layer.to_pb(), mounts=list(resp.mounts)),
-        )
-        if applied.applied.digest != diff_id:
+        digest = await applier(layer, resp.mounts) if applier is not None else None
+        if digest is None:
+            applied = await client.call(
+                client.diff_stub.Apply,
+                diff_pb2.ApplyRequest(diff=layer.to_pb(), mounts=list(resp.mounts)),
+            )
+            digest = applied.applied.digest
+        if digest != diff_id:
             raise FailedPrecondition(
-                f"wrong diff id {applied.applied.digest} calculated on extraction of "
+                f"wrong diff id {digest} calculated on extraction of "
                 f"{layer.digest}, expected {diff_id}"
             )
         try:

@@ -1,0 +1,1 @@
+"""Moving images between registries and the daemon: its own pull (``Pull`` service)."""
