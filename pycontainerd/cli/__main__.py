@@ -8,34 +8,14 @@ exit with the process's own code.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 
-from pycontainerd.cli import containers, images, run, system
+from pycontainerd.cli.commands import build_parser
 from pycontainerd.cli.state import Settings, describe
 from pycontainerd.errdefs import PycdError, Unavailable
 
 __all__ = ["build_parser", "main"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pcd", description="Run containers on pycontainerd.")
-    p.add_argument(
-        "-a", "--address", help="daemon socket (env PCD_ADDRESS; default "
-        "/run/pycontainerd/pycontainerd.sock)",
-    )  # fmt: skip
-    p.add_argument("-n", "--namespace", help="namespace (env PCD_NAMESPACE; default 'default')")
-    p.add_argument("--data-root", help="where logs live (env PCD_DATA_ROOT; default /var/lib/pcd)")
-    p.add_argument(
-        "--exec-root", help="network state and namespaces (env PCD_EXEC_ROOT; default /run/pcd)"
-    )
-    sub = p.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
-    run.add_parser(sub)
-    containers.add_parsers(sub)
-    images.add_parsers(sub)
-    system.add_parsers(sub)
-    return p
 
 
 def _one_line(exc: BaseException, address: str) -> str:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
 import shlex
@@ -33,10 +32,12 @@ from pycontainerd.cli.tables import ago, duration, print_table, truncate
 from pycontainerd.errdefs import FailedPrecondition, NotFound, PycdError
 
 if TYPE_CHECKING:
+    import argparse
+
     from pycontainerd.cli.logs import Record
     from pycontainerd.cli.state import ContainerRow, Settings
 
-__all__ = ["add_parsers"]
+__all__: list[str] = []  # commands, found by name from pycontainerd.cli.commands
 
 
 def _status(row: ContainerRow, now: datetime) -> str:
@@ -247,50 +248,3 @@ async def _container_document(settings: Settings, row: ContainerRow) -> dict[str
                 doc["Network"]["IPAddress"] = result.ip
                 doc["Network"]["Gateway"] = result.gateway
     return doc
-
-
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def ps_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-a", "--all", action="store_true", help="also stopped containers")
-        p.add_argument("-q", "--quiet", action="store_true", help="only ids")
-        p.set_defaults(func=cmd_ps)
-
-    def rm_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-f", "--force", action="store_true", help="kill it first if running")
-        p.add_argument("containers", nargs="+")
-        p.set_defaults(func=cmd_rm)
-
-    ps_args(sub.add_parser("ps", help="list containers"))
-    p = sub.add_parser("exec", help="run a command in a running container")
-    p.add_argument("-i", "--interactive", action="store_true")
-    p.add_argument("-t", "--tty", action="store_true")
-    p.add_argument("-e", "--env", action="append", default=[])
-    p.add_argument("-w", "--workdir")
-    p.add_argument("container")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_exec, error_code=126)
-    p = sub.add_parser("stop", help="stop containers (SIGTERM, then SIGKILL)")
-    p.add_argument("-t", "--time", type=float, default=10.0, help="grace period in seconds")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(func=cmd_stop)
-    p = sub.add_parser("kill", help="send a signal to containers")
-    p.add_argument("-s", "--signal", default="KILL")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(func=cmd_kill)
-    rm_args(sub.add_parser("rm", help="remove containers"))
-    p = sub.add_parser("logs", help="show a container's output")
-    p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-t", "--timestamps", action="store_true")
-    p.add_argument("-n", "--tail", type=int)
-    p.add_argument("container")
-    p.set_defaults(func=cmd_logs)
-    p = sub.add_parser("inspect", help="show containers or images as JSON")
-    p.add_argument("objects", nargs="+")
-    p.set_defaults(func=cmd_inspect)
-    container = sub.add_parser("container", help="manage containers")
-    csub = container.add_subparsers(dest="container_command", required=True)
-    ps_args(csub.add_parser("ls", aliases=["list", "ps"]))
-    rm_args(csub.add_parser("rm", aliases=["remove"]))
-    p = csub.add_parser("prune", help="remove every stopped container")
-    p.add_argument("-f", "--force", action="store_true", help="accepted for docker parity")
-    p.set_defaults(func=cmd_prune)

@@ -10,7 +10,6 @@ name is tried as typed first, so images imported under any name stay usable.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -26,24 +25,12 @@ from pycontainerd.client.reference import parse
 from pycontainerd.errdefs import FailedPrecondition, InvalidArgument, NotFound, PycdError
 
 if TYPE_CHECKING:
+    import argparse
+
     from pycontainerd.cli.state import Settings
     from pycontainerd.client import Client, Image
 
-__all__ = ["add_parsers", "make_registry", "pull_image", "registry_options"]
-
-
-def registry_options() -> argparse.ArgumentParser:
-    """A parent parser with the registry flags (for pull, push and run)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("registry")
-    g.add_argument(
-        "--insecure-registry", action="append", default=[], metavar="HOST:PORT",
-        help="speak plain HTTP to this registry",
-    )  # fmt: skip
-    g.add_argument("--ca-file", help="trust this CA for the registry's TLS certificate")
-    g.add_argument("--username", default=os.environ.get("PCD_REGISTRY_USERNAME", ""))
-    g.add_argument("--password", default=os.environ.get("PCD_REGISTRY_PASSWORD", ""))
-    return p
+__all__ = ["cmd_pull", "cmd_push", "make_registry", "pull_image"]
 
 
 def make_registry(args: argparse.Namespace, host: str) -> Registry:
@@ -237,57 +224,3 @@ async def image_document(client: Client, img: Image) -> dict[str, Any]:
     except PycdError as exc:
         doc["Error"] = str(exc)
     return doc
-
-
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    reg = registry_options()
-    p = sub.add_parser("pull", help="pull an image from a registry", parents=[reg])
-    p.add_argument("reference")
-    p.set_defaults(func=cmd_pull)
-    p = sub.add_parser("push", help="push an image to a registry", parents=[reg])
-    p.add_argument("image")
-    p.add_argument("target", nargs="?", help="push under this reference (default: its name)")
-    p.set_defaults(func=cmd_push)
-    p = sub.add_parser("tag", help="give an image another name")
-    p.add_argument("source")
-    p.add_argument("target")
-    p.set_defaults(func=cmd_tag)
-    p = sub.add_parser("load", help="import images from an OCI or docker archive")
-    p.add_argument("-i", "--input", required=True)
-    p.set_defaults(func=cmd_load)
-    p = sub.add_parser("save", help="export images to an OCI archive")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("images", nargs="+")
-    p.set_defaults(func=cmd_save)
-    for name in ("images",):
-        p = sub.add_parser(name, help="list images")
-        p.add_argument("-q", "--quiet", action="store_true")
-        p.set_defaults(func=cmd_images)
-    p = sub.add_parser("rmi", help="remove images")
-    _rm_args(p)
-    image = sub.add_parser("image", help="manage images")
-    isub = image.add_subparsers(dest="image_command", required=True)
-    p = isub.add_parser("ls", aliases=["list"], help="list images")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_images)
-    p = isub.add_parser("rm", aliases=["remove"], help="remove images")
-    _rm_args(p)
-    p = isub.add_parser("prune", help="remove untagged images (-a: every unused image)")
-    p.add_argument("-a", "--all", action="store_true")
-    p.add_argument("-f", "--force", action="store_true", help="accepted for docker parity")
-    p.set_defaults(func=cmd_prune)
-    p = isub.add_parser("inspect", help="show an image's record and config")
-    p.add_argument("images", nargs="+")
-    p.set_defaults(func=cmd_image_inspect)
-    for verb, fn in (("pull", cmd_pull), ("push", cmd_push)):
-        p = isub.add_parser(verb, parents=[reg])
-        p.add_argument("image" if verb == "push" else "reference")
-        if verb == "push":
-            p.add_argument("target", nargs="?")
-        p.set_defaults(func=fn)
-
-
-def _rm_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--force", action="store_true", help="even if a container uses it")
-    p.add_argument("images", nargs="+")
-    p.set_defaults(func=cmd_rmi)

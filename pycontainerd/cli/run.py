@@ -9,7 +9,6 @@ port rules, snapshot, record, log directory — is removed before the error is r
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -20,10 +19,9 @@ from typing import TYPE_CHECKING
 
 from pycontainerd.api.services.tasks.v1 import tasks_pb2
 from pycontainerd.cli import lifecycle, net
-from pycontainerd.cli.images import pull_image, registry_options
+from pycontainerd.cli.images import pull_image
 from pycontainerd.cli.logs import LogWriter, release_logger, spawn_logger, write_pid_file
 from pycontainerd.cli.state import (
-    DEFAULT_RUNTIME,
     LABEL_LOG_DIR,
     LABEL_NAME,
     LABEL_NET_DIR,
@@ -41,40 +39,15 @@ from pycontainerd.errdefs import AlreadyExists, InvalidArgument, NotFound
 from pycontainerd.network import HOST, parse_publish
 
 if TYPE_CHECKING:
+    import argparse
     from pathlib import Path
 
     from pycontainerd.cli.state import Settings
     from pycontainerd.client import Client, Container, Image
 
-__all__ = ["add_parser", "cmd_run", "parse_volume"]
+__all__ = ["cmd_run", "parse_volume"]
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="run a command in a new container", parents=[registry_options()])
-    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin attached")
-    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    p.add_argument("-d", "--detach", action="store_true", help="run in the background")
-    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
-    p.add_argument("--name", help="a name for the container")
-    p.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE (or KEY)")
-    p.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro]")
-    p.add_argument("-p", "--publish", action="append", default=[], help="[IP:]HOST:CTR[/proto]")
-    p.add_argument("--network", "--net", default=net.BRIDGE, help="bridge (default), host, none")
-    p.add_argument("-w", "--workdir", help="working directory inside the container")
-    p.add_argument("-u", "--user", help="USER[:GROUP] (names or ids)")
-    p.add_argument("--hostname", help="container host name (default: its short id)")
-    p.add_argument("--memory", "-m", help="memory limit, e.g. 512m")
-    p.add_argument("--cpus", type=float, help="CPUs' worth of time, e.g. 1.5")
-    p.add_argument("--privileged", action="store_true")
-    p.add_argument("--runtime", default=DEFAULT_RUNTIME)
-    p.add_argument("--pull", choices=("missing", "never", "always"), default="missing")
-    p.add_argument("--log-max-size", default="10m", help="rotate the log at this size")
-    p.add_argument("--log-max-files", type=int, default=3)
-    p.add_argument("image")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_run, error_code=125)
 
 
 def parse_volume(spec: str) -> Mount:

@@ -16,21 +16,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from google.protobuf import field_mask_pb2
-
-from pycontainerd.api.services.containers.v1 import containers_pb2
-from pycontainerd.api.services.tasks.v1 import tasks_pb2
-from pycontainerd.api.types.task import task_pb2
-from pycontainerd.client import Client, Container
 from pycontainerd.client._client import timestamp_to_datetime
+from pycontainerd.client._sdk import Client
 from pycontainerd.client.reference import normalize
 from pycontainerd.errdefs import InvalidArgument, NotFound, PycdError
-from pycontainerd.network import NetworkManager
+
+# Container, task and network modules are imported where used: ``pcd pull`` and the
+# image commands never need them, and every command pays for what this module imports.
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from pycontainerd.client import Image, Task
+    from pycontainerd.client import Container, Image, Task  # noqa: TC004 (annotations only)
+    from pycontainerd.network import NetworkManager
 
 __all__ = [
     "LABEL_EXIT_CODE",
@@ -55,7 +53,6 @@ __all__ = [
 DEFAULT_ADDRESS = "/run/pycontainerd/pycontainerd.sock"
 DEFAULT_DATA_ROOT = "/var/lib/pcd"
 DEFAULT_EXEC_ROOT = "/run/pcd"
-DEFAULT_RUNTIME = "io.containerd.pyrunc.v1"
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 
 LABEL_NAME = "pcd.name"
@@ -111,6 +108,8 @@ class Settings:
         self, net_dir: str | None = None, netns_path: str | None = None
     ) -> NetworkManager:
         """The manager for new containers, or the one recorded in an old one's labels."""
+        from pycontainerd.network import NetworkManager
+
         netns_dir = Path(netns_path).parent if netns_path else self.netns_dir
         return NetworkManager(
             Path(net_dir) if net_dir else self.net_dir, CNI_BIN_DIRS, netns_dir=netns_dir
@@ -149,6 +148,11 @@ class ContainerRow:
 
 async def list_rows(client: Client) -> list[ContainerRow]:
     """Every container of the namespace with its task state, oldest first."""
+    from pycontainerd.api.services.containers.v1 import containers_pb2
+    from pycontainerd.api.services.tasks.v1 import tasks_pb2
+    from pycontainerd.api.types.task import task_pb2
+    from pycontainerd.client.containers import Container
+
     resp = await client.call(client.containers_stub.List, containers_pb2.ListContainersRequest())
     tasks = await client.call(client.tasks_stub.List, tasks_pb2.ListTasksRequest())
     by_id = {t.id: t for t in tasks.tasks}
@@ -216,6 +220,10 @@ async def find_image(client: Client, name: str) -> Image:
 
 async def update_labels(client: Client, container: Container, labels: Mapping[str, str]) -> None:
     """Set some labels of a container record (others are left alone)."""
+    from google.protobuf import field_mask_pb2
+
+    from pycontainerd.api.services.containers.v1 import containers_pb2
+
     record = containers_pb2.Container(id=container.id, labels=dict(labels))
     req = containers_pb2.UpdateContainerRequest(
         container=record,

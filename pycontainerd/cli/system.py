@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from pycontainerd.cli.state import Settings
 
-__all__ = ["add_parsers"]
+__all__: list[str] = []  # commands, found by name from pycontainerd.cli.commands
 
 
 async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
@@ -57,23 +57,3 @@ async def cmd_ns_rm(settings: Settings, args: argparse.Namespace) -> int:
             await client.delete_namespace(name)
             print(name)
     return 0
-
-
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("events", help="print the daemon's events as they happen")
-    p.add_argument(
-        "filter", nargs="*", help='containerd filters, e.g. topic=="/tasks/exit" (any matches)'
-    )
-    p.set_defaults(func=cmd_events)
-    ns = sub.add_parser("namespace", aliases=["ns"], help="manage namespaces")
-    nsub = ns.add_subparsers(dest="namespace_command", required=True)
-    p = nsub.add_parser("ls", aliases=["list"])
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_ns_ls)
-    p = nsub.add_parser("create")
-    p.add_argument("name")
-    p.add_argument("labels", nargs="*", help="KEY=VALUE")
-    p.set_defaults(func=cmd_ns_create)
-    p = nsub.add_parser("rm", aliases=["remove"])
-    p.add_argument("names", nargs="+")
-    p.set_defaults(func=cmd_ns_rm)

@@ -11,21 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pycontainerd.api.services.containers.v1 import containers_pb2
-from pycontainerd.client import archive as _archive
 from pycontainerd.client._client import RawClient
-from pycontainerd.client.containers import Container, create_container
 from pycontainerd.client.content import ContentStore
-from pycontainerd.client.events import subscribe
 from pycontainerd.client.images import Image, ImageStore, ResolvedImage, unpack
 from pycontainerd.client.pull import pull
-from pycontainerd.client.push import push
+
+# Imported where used: containers, tasks, archives, push and events are modules a
+# program that only pulls never needs (``pcd pull`` starts faster without them).
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
     import grpc
 
+    from pycontainerd.client.containers import Container
     from pycontainerd.client.events import Event
     from pycontainerd.client.oci import Descriptor, Platform
     from pycontainerd.client.pull import Progress
@@ -57,6 +56,8 @@ class Client(RawClient):
 
     def subscribe(self, *filters: str) -> AsyncIterator[Event]:
         """Events of every namespace matching any filter (``topic=="/tasks/exit"``)."""
+        from pycontainerd.client.events import subscribe
+
         return subscribe(self, *filters)
 
     # ------------------------------------------------------------------ images
@@ -91,6 +92,8 @@ class Client(RawClient):
     ) -> list[Image]:
         """Import an OCI or Docker archive; unpack each image for this host by default."""
         async with self.lease():
+            from pycontainerd.client import archive as _archive
+
             imgs = await _archive.import_archive(
                 self.content, self.images, Path(path), base_name=base_name, index_name=index_name
             )
@@ -102,6 +105,8 @@ class Client(RawClient):
     async def export_archive(self, path: str | Path, *names: str) -> dict[str, Any]:
         """Write the named images as an OCI archive; returns the archive's index.json."""
         imgs = [await self.get_image(n) for n in names]
+        from pycontainerd.client import archive as _archive
+
         return await _archive.export_archive(self.content, imgs, Path(path))
 
     async def unpack(
@@ -158,6 +163,8 @@ class Client(RawClient):
         progress: Callable[[Progress], None] | None = None,
     ) -> Descriptor:
         """Upload ``image`` to the registry as ``ref``: blobs, manifests, then the root."""
+        from pycontainerd.client.push import push
+
         return await push(
             self,
             ref,
@@ -192,6 +199,8 @@ class Client(RawClient):
     ) -> Container:
         """A container from ``image`` with a spec from containerd's defaults, the image
         config, and these options (``network``: ``none``, ``host`` or a netns path)."""
+        from pycontainerd.client.containers import create_container
+
         return await create_container(
             self, container_id, image, args=args, env=env, cwd=cwd, mounts=mounts, tty=tty,
             user=user, hostname=hostname, resources=resources, privileged=privileged,
@@ -199,12 +208,18 @@ class Client(RawClient):
         )  # fmt: skip
 
     async def load_container(self, container_id: str) -> Container:
+        from pycontainerd.api.services.containers.v1 import containers_pb2
+        from pycontainerd.client.containers import Container
+
         resp = await self.call(
             self.containers_stub.Get, containers_pb2.GetContainerRequest(id=container_id)
         )
         return Container.from_pb(self, resp.container)
 
     async def list_containers(self, *filters: str) -> list[Container]:
+        from pycontainerd.api.services.containers.v1 import containers_pb2
+        from pycontainerd.client.containers import Container
+
         resp = await self.call(
             self.containers_stub.List, containers_pb2.ListContainersRequest(filters=filters)
         )
