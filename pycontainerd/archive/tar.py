@@ -41,7 +41,7 @@ from pycontainerd.archive.rootpath import clean_components, hardlink_root_path, 
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Sequence
+    from collections.abc import Collection, Sequence
     from pathlib import Path
 
 __all__ = [
@@ -81,14 +81,17 @@ class _Source(Protocol):
 class ApplyResult:
     """The diff ID (sha256 of the uncompressed stream) and its length in bytes.
 
-    ``implied`` lists the parent directories the layer implied without an entry of their
-    own (paths relative to the root, parents first), when the apply deferred copying
-    their attributes (``defer_parents``): :func:`copy_implied_parents` does it later.
+    When the apply deferred the attributes of implied parent directories
+    (``defer_parents``), ``implied`` lists the directories it created for entries below
+    them (paths relative to the root, in order of creation) and ``relisted`` those of
+    them a later entry of the layer gave attributes of its own:
+    :func:`copy_implied_parents` finishes them.
     """
 
     digest: str
     size: int
     implied: tuple[str, ...] = ()
+    relisted: frozenset[str] = frozenset()
 
 
 class _HashingReader:
@@ -145,6 +148,7 @@ def apply_layer(
     )
     if defer_parents:
         applier.implied = {}
+        applier.relisted = set()
     reader = TarReader(src)
     while True:
         applier.check_cancel()
@@ -164,21 +168,44 @@ def apply_layer(
         raise ArchiveError(f"failed to set directory times: {exc}") from exc
     reader.drain(applier.check_cancel)
     implied = tuple(applier.implied or ())
-    return ApplyResult(digest=src.digest(), size=src.size, implied=implied)
+    relisted = frozenset(applier.relisted or ())
+    return ApplyResult(src.digest(), src.size, implied, relisted)
 
 
 def copy_implied_parents(
-    root: Path | str, implied: Sequence[str], lower_dirs: Sequence[Path | str]
+    root: Path | str,
+    implied: Sequence[str],
+    lower_dirs: Sequence[Path | str],
+    relisted: Collection[str] = (),
 ) -> None:
-    """Give the implied parents of a deferred apply what the apply would have given them.
+    """Give the implied parents of a deferred apply what a direct apply onto
+    ``lower_dirs`` would have given them. Blocking.
 
-    In order, parents first: the attributes of the same directory in the first lower layer
-    that has that path, keeping the modification time (entries created inside set it);
-    a directory no lower layer has keeps its defaults, but takes its parent's group when
-    that parent is setgid, as the kernel gives a directory made inside one. Blocking.
+    A direct apply gives a directory it creates the attributes of the same directory in
+    the first lower layer that has that path; else it keeps the defaults, but a
+    directory made inside a setgid one takes that one's group (the kernel's rule) — as
+    the parent was *when the child was made*, which for an implied parent is what the
+    direct apply had given it then. ``relisted`` directories took their attributes from
+    their own entry later, and only serve as parents here. Times of modification stay:
+    entries created inside set them.
     """
     applier = _Applier(os.path.abspath(root), True, [os.path.abspath(p) for p in lower_dirs], None)
+    # What the direct apply gave each implied directory when it made it: (mode, gid).
+    made: dict[str, tuple[int, int]] = {}
     for rel in implied:
+        lower = applier.lower_dir(rel)
+        inherited: int | None = None
+        if lower is not None:
+            made[rel] = (stat.S_IMODE(lower[1].st_mode), lower[1].st_gid)
+        else:
+            parent = made.get(rel.rpartition("/")[0])
+            # (A parent not in ``made`` is the root, or was listed before this child
+            # was made: the staging's kernel applied the same rule already.)
+            if parent is not None and parent[0] & stat.S_ISGID:
+                inherited = parent[1]
+            made[rel] = (0o755, 0 if inherited is None else inherited)
+        if rel in relisted:
+            continue
         path = applier.root + "/" + rel
         try:
             st = os.lstat(path)
@@ -186,11 +213,11 @@ def copy_implied_parents(
             continue  # removed again later in the layer
         if not stat.S_ISDIR(st.st_mode):
             continue
-        if applier.copy_parent_info(path, keep_mtime_ns=st.st_mtime_ns):
-            continue
-        parent = os.lstat(os.path.dirname(path))
-        if parent.st_mode & stat.S_ISGID and parent.st_gid != st.st_gid:
-            os.chown(path, -1, parent.st_gid, follow_symlinks=False)
+        if lower is not None:
+            copy_dir_info(lower[0], path)
+            os.utime(path, ns=(lower[1].st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        elif inherited is not None and st.st_gid != inherited:
+            os.chown(path, -1, inherited, follow_symlinks=False)
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
@@ -206,8 +233,10 @@ class _Applier:
         # marker comes after them in the archive.
         self.unpacked: set[str] = set()
         self.dirs: list[tuple[list[str], Header]] = []
-        # Set when parents are deferred: implied directories by relative path, in order.
+        # Set when parents are deferred: implied directories by relative path, in order,
+        # and those a later entry listed.
         self.implied: dict[str, None] | None = None
+        self.relisted: set[str] | None = None
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -243,9 +272,9 @@ class _Applier:
         self._create(hdr, path, reader, merge_dir=is_dir)
         if hdr.type == tarfile.DIRTYPE:
             self.dirs.append((comps, hdr))
-            if self.implied:
-                # Its own entry gave it its attributes: nothing to copy later.
-                self.implied.pop(path[len(self.root) + 1 :], None)
+            rel = path[len(self.root) + 1 :]
+            if self.implied and rel in self.implied and self.relisted is not None:
+                self.relisted.add(rel)  # its own entry gave it its attributes
         self.unpacked.add(path)
 
     def _mkparent(self, ppath: str) -> None:
@@ -270,23 +299,22 @@ class _Applier:
             else:
                 self.copy_parent_info(directory)
 
-    def copy_parent_info(self, directory: str, keep_mtime_ns: int | None = None) -> bool:
-        """Copy ``directory``'s attributes from the first lower layer that has its path;
-        whether one had it as a directory."""
-        rel = directory[len(self.root) + 1 :]
+    def lower_dir(self, rel: str) -> tuple[str, os.stat_result] | None:
+        """The directory ``rel`` of the first lower layer that has that path, if it is a
+        directory there (a non-directory hides the layers below it)."""
         for lower in self.parents:
             candidate = root_path(lower, rel)
             try:
                 st = os.lstat(candidate)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if not stat.S_ISDIR(st.st_mode):
-                return False  # replaced by a non-directory in that layer: keep the defaults
-            copy_dir_info(candidate, directory)
-            if keep_mtime_ns is not None:
-                os.utime(directory, ns=(st.st_atime_ns, keep_mtime_ns), follow_symlinks=False)
-            return True
-        return False
+            return (candidate, st) if stat.S_ISDIR(st.st_mode) else None
+        return None
+
+    def copy_parent_info(self, directory: str) -> None:
+        found = self.lower_dir(directory[len(self.root) + 1 :])
+        if found is not None:
+            copy_dir_info(found[0], directory)
 
     def _whiteout(self, hdr: Header, ppath: str, base: str) -> None:
         if base == WHITEOUT_OPAQUE:

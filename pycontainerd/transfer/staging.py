@@ -195,7 +195,7 @@ class StagedLayer:
         os.chown(self.path, st.st_uid, st.st_gid)
         os.chmod(self.path, stat.S_IMODE(st.st_mode))
         if self.result.implied:
-            copy_implied_parents(self.path, self.result.implied, lowers)
+            copy_implied_parents(self.path, self.result.implied, lowers, self.result.relisted)
         os.rmdir(target)
         os.rename(self.path, target)
         return True
