@@ -15,6 +15,7 @@ from pycontainerd.plugins import (
     images,
     pull,
     snapshots,
+    staging,
     tasks,
 )
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 BUILTINS: tuple[Registration[Any], ...] = (
     events.exchange,
+    staging.staging,
     content.content,
     snapshots.overlayfs,
     snapshots.native,

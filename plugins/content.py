@@ -20,6 +20,7 @@ from pycontainerd.events import Publisher
 from pycontainerd.grpc.content import ContentService
 from pycontainerd.metadata.db import MetadataDB
 from pycontainerd.plugin import InitContext, PluginType, Registration
+from pycontainerd.plugins.staging import optional_stager
 
 __all__ = ["SERVICE_ID", "content", "content_service", "service"]
 
@@ -45,7 +46,8 @@ async def _init_content_service(ic: InitContext) -> NamespacedContentStore:
 
 
 async def _init_grpc(ic: InitContext) -> ContentService:
-    return ContentService(ic.get_by_id(PluginType.SERVICE, SERVICE_ID, NamespacedContentStore))
+    store = ic.get_by_id(PluginType.SERVICE, SERVICE_ID, NamespacedContentStore)
+    return ContentService(store, optional_stager(ic))
 
 
 content: Registration[LocalStore] = Registration(
@@ -60,5 +62,8 @@ content_service: Registration[NamespacedContentStore] = Registration(
 )
 
 service: Registration[ContentService] = Registration(
-    type=PluginType.GRPC, id="content", init=_init_grpc, requires=(PluginType.SERVICE,)
+    type=PluginType.GRPC,
+    id="content",
+    init=_init_grpc,
+    requires=(PluginType.SERVICE,),
 )

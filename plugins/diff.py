@@ -6,12 +6,13 @@ from pycontainerd.content.metadata import NamespacedContentStore
 from pycontainerd.diff.service import Differ
 from pycontainerd.grpc.diff import DiffServicer
 from pycontainerd.plugin import InitContext, PluginType, Registration
+from pycontainerd.plugins.staging import optional_stager
 
 
 async def _differ(ic: InitContext) -> Differ:
     content = ic.get_by_id(PluginType.SERVICE, "content-service", NamespacedContentStore)
     ic.platforms.append("linux/amd64")
-    return Differ(content, ic.state / "tmp")
+    return Differ(content, ic.state / "tmp", optional_stager(ic))
 
 
 async def _grpc(ic: InitContext) -> DiffServicer:
@@ -19,6 +20,9 @@ async def _grpc(ic: InitContext) -> DiffServicer:
 
 
 differ = Registration(
-    type=PluginType.DIFFER, id="walking", init=_differ, requires=(PluginType.SERVICE,)
+    type=PluginType.DIFFER,
+    id="walking",
+    init=_differ,
+    requires=(PluginType.SERVICE,),
 )
 service = Registration(type=PluginType.GRPC, id="diff", init=_grpc, requires=(PluginType.DIFFER,))

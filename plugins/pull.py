@@ -1,13 +1,9 @@
 """Registration of pycontainerd's Pull service (``io.containerd.grpc.v1.pull``).
 
-Config: none. Staging directories live under the plugin's root
-(``<root>/io.containerd.grpc.v1.pull/staging``), which should be on the snapshotters'
-filesystem: a layer staged elsewhere is unpacked again from its blob.
+Config: none. Layers are staged by ``io.containerd.internal.v1.staging``.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from pycontainerd.content.metadata import NamespacedContentStore
 from pycontainerd.grpc.pull import PullServicer
@@ -20,11 +16,10 @@ __all__ = ["pull"]
 
 async def _init(ic: InitContext) -> PullServicer:
     content = ic.get_by_id(PluginType.SERVICE, "content-service", NamespacedContentStore)
-    stager = Stager(ic.root / "staging")
-    await asyncio.to_thread(stager.clean)
+    stager = ic.get_by_id(PluginType.INTERNAL, "staging", Stager)
     return PullServicer(DaemonPull(content, stager, ic.address))
 
 
 pull: Registration[PullServicer] = Registration(
-    type=PluginType.GRPC, id="pull", init=_init, requires=(PluginType.SERVICE,)
+    type=PluginType.GRPC, id="pull", init=_init, requires=(PluginType.SERVICE, PluginType.INTERNAL)
 )

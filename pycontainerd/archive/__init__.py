@@ -28,7 +28,12 @@ from pycontainerd.archive.errors import (
     UnsupportedMediaType,
 )
 from pycontainerd.archive.rootpath import root_path
-from pycontainerd.archive.tar import ApplyResult, apply_layer, copy_implied_parents
+from pycontainerd.archive.tar import (
+    ApplyResult,
+    apply_layer,
+    copy_implied_parents,
+    drop_overlay_markers,
+)
 
 __all__ = [
     "ApplyResult",
@@ -43,6 +48,7 @@ __all__ = [
     "compression_for_media_type",
     "copy_implied_parents",
     "decompress_stream",
+    "drop_overlay_markers",
     "root_path",
     "write_diff",
 ]

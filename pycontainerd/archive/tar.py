@@ -19,6 +19,7 @@ caller owns cleaning up the half-applied directory. Blocking: run it in a thread
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -50,6 +51,7 @@ __all__ = [
     "ApplyResult",
     "apply_layer",
     "copy_implied_parents",
+    "drop_overlay_markers",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,13 @@ class ApplyResult:
     size: int
     implied: tuple[str, ...] = ()
     relisted: frozenset[str] = frozenset()
+    # Overlay-form applies with deferred parents also list the whiteout devices and the
+    # opaque directories they made, for :func:`drop_overlay_markers`.
+    whiteouts: frozenset[str] = frozenset()
+    opaques: frozenset[str] = frozenset()
+    # False when an opaque marker came after entries it would have deleted in a naive
+    # apply (implied directories): then only a real naive apply gives the first layer.
+    markers_droppable: bool = True
 
 
 class _HashingReader:
@@ -149,6 +158,8 @@ def apply_layer(
     if defer_parents:
         applier.implied = {}
         applier.relisted = set()
+        if overlay:
+            applier.whiteouts, applier.opaques = set(), set()
     reader = TarReader(src)
     while True:
         applier.check_cancel()
@@ -167,9 +178,40 @@ def apply_layer(
     except OSError as exc:
         raise ArchiveError(f"failed to set directory times: {exc}") from exc
     reader.drain(applier.check_cancel)
-    implied = tuple(applier.implied or ())
-    relisted = frozenset(applier.relisted or ())
-    return ApplyResult(src.digest(), src.size, implied, relisted)
+    return ApplyResult(
+        src.digest(),
+        src.size,
+        tuple(applier.implied or ()),
+        frozenset(applier.relisted or ()),
+        frozenset(applier.whiteouts or ()),
+        frozenset(applier.opaques or ()),
+        applier.markers_droppable,
+    )
+
+
+def drop_overlay_markers(root: Path | str, result: ApplyResult) -> None:
+    """Turn a layer applied in overlay form (``defer_parents``) into what a naive apply
+    onto an empty directory gives: the first layer of a chain. Blocking.
+
+    On an empty root a naive whiteout only deletes what the layer itself made before it
+    (which the overlay form deleted too) and an opaque marker deletes nothing the layer
+    did not write; so the whiteout devices still standing go, and the opaque xattrs.
+    """
+    if not result.markers_droppable:
+        raise ArchiveError("this layer's opaque markers do not convert to a naive apply")
+    top = os.path.abspath(root)
+    for rel in result.whiteouts:
+        path = top + "/" + rel
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            os.unlink(path)
+    for rel in result.opaques:
+        path = top + "/" + rel if rel else top
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):
+            os.removexattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False)
 
 
 def copy_implied_parents(
@@ -237,6 +279,9 @@ class _Applier:
         # and those a later entry listed.
         self.implied: dict[str, None] | None = None
         self.relisted: set[str] | None = None
+        self.whiteouts: set[str] | None = None
+        self.opaques: set[str] | None = None
+        self.markers_droppable = True
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -270,6 +315,8 @@ class _Applier:
         if st is not None and not (is_dir and hdr.type == tarfile.DIRTYPE):
             remove_all(path)
         self._create(hdr, path, reader, merge_dir=is_dir)
+        if self.whiteouts:
+            self.whiteouts.discard(path[len(self.root) + 1 :])
         if hdr.type == tarfile.DIRTYPE:
             self.dirs.append((comps, hdr))
             rel = path[len(self.root) + 1 :]
@@ -320,6 +367,10 @@ class _Applier:
         if base == WHITEOUT_OPAQUE:
             if self.overlay:
                 os.setxattr(ppath, OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)
+                if self.opaques is not None:
+                    self.opaques.add(ppath[len(self.root) + 1 :])
+                    if self.markers_droppable and self._not_unpacked(ppath):
+                        self.markers_droppable = False
             else:
                 self._remove_not_unpacked(ppath)
             return
@@ -331,9 +382,17 @@ class _Applier:
         if self.overlay:
             os.mknod(target, stat.S_IFCHR, 0)
             os.chown(target, hdr.uid, hdr.gid, follow_symlinks=False)
+            if self.whiteouts is not None:
+                self.whiteouts.add(target[len(self.root) + 1 :])
 
     def _remove_not_unpacked(self, directory: str) -> None:
         """Naive opaque directory: delete every entry this layer did not write."""
+        for path in self._not_unpacked(directory):
+            remove_all(path)
+
+    def _not_unpacked(self, directory: str) -> list[str]:
+        """The entries below ``directory`` this layer did not write (not below those)."""
+        found: list[str] = []
         stack = [directory]
         while stack:
             current = stack.pop()
@@ -344,9 +403,10 @@ class _Applier:
             with it:
                 for entry in it:
                     if entry.path not in self.unpacked:
-                        remove_all(entry.path)
+                        found.append(entry.path)
                     elif entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
+        return found
 
     def _create(self, hdr: Header, path: str, reader: TarReader, *, merge_dir: bool) -> None:
         kind = hdr.type

@@ -370,6 +370,11 @@ class LocalWriter:
             updated_at=self.updated_at,
         )
 
+    @property
+    def data_path(self) -> Path:
+        """The file the bytes go to (until commit moves it under its digest)."""
+        return self._path / "data"
+
     def digest(self) -> str:
         """Digest of the bytes written so far."""
         return "sha256:" + self._hasher.copy().hexdigest()

@@ -17,6 +17,7 @@ from pycontainerd.errdefs import AlreadyExists, FailedPrecondition, OutOfRange
 if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Mapping
+    from pathlib import Path
 
     from pycontainerd.content.local import LocalStore, LocalWriter
     from pycontainerd.content.metadata import NamespacedContentStore
@@ -84,16 +85,14 @@ class ContentWriter:
         return self.status()
 
     @property
-    def fresh(self) -> bool:
-        """An ingest of its own with no bytes yet: ``append_sync`` may write it from 0."""
-        return self._w is not None and not self._done and self._w.offset == 0
+    def data_path(self) -> Path | None:
+        """The file the ingest's bytes go to (None for a shared ingest)."""
+        return self._w.data_path if self._w is not None else None
 
-    def append_sync(self, data: bytes | memoryview) -> None:
-        """Append ``data`` from a worker thread (hash and write it there); for a ``fresh``
-        writer whose every byte goes through here. Blocking."""
-        if self._w is None or self._done:
-            raise FailedPrecondition(f"writer {self.ref!r} cannot append")
-        self._w.write(data)
+    @property
+    def fresh(self) -> bool:
+        """An ingest of its own with no bytes yet."""
+        return self._w is not None and not self._done and self._w.offset == 0
 
     async def _unshare(self, offset: int, data: bytes) -> None:
         # A shared ingest becomes a real one only when bytes arrive: copy the shared blob

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from pycontainerd.archive.compression import CompressWriter
     from pycontainerd.content.local import BlobReader
     from pycontainerd.content.metadata import NamespacedContentStore
+    from pycontainerd.transfer.staging import Stager
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,31 @@ def _apply_sync(
 
 
 class Differ:
-    """Apply and Diff over the namespaced content store."""
+    """Apply and Diff over the namespaced content store.
 
-    def __init__(self, content: NamespacedContentStore, tmp_root: Path) -> None:
+    With a ``stager``, Apply first looks for the layer already unpacked on the side while
+    its blob was written (:mod:`pycontainerd.transfer.staging`) and moves it into place
+    when the mounts fit; otherwise it unpacks the blob as usual.
+    """
+
+    def __init__(
+        self, content: NamespacedContentStore, tmp_root: Path, stager: Stager | None = None
+    ) -> None:
         self._content = content
         self._tmp_root = tmp_root
+        self.stager = stager
         tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def _staged(self, desc: Descriptor, mounts: Sequence[Mount]) -> Descriptor | None:
+        stager = self.stager
+        if stager is None or not stager.staged(desc.digest):
+            return None
+        await self._content.info(desc.digest)  # this namespace must have the blob
+        result = await stager.adopt(desc.digest, mounts)
+        if result is None:
+            return None
+        log.debug("apply %s: moved in its unpack made while it was written", desc.digest)
+        return Descriptor(LAYER_TAR, result.digest, result.size)
 
     async def apply(self, desc: Descriptor, mounts: Sequence[Mount]) -> Descriptor:
         """Apply layer ``desc`` onto ``mounts``; returns the uncompressed descriptor."""
@@ -128,6 +148,9 @@ class Differ:
         except UnsupportedMediaType as exc:
             # containerd has no error class for this (ErrNoProcessor): UNKNOWN.
             raise PycdError(f"no processor for media-type {desc.media_type!r}") from exc
+        staged = await self._staged(desc, mounts)
+        if staged is not None:
+            return staged
         reader = await self._content.open_reader(desc.digest)
         cancel = threading.Event()
 

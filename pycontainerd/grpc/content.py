@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from pycontainerd.content.metadata import NamespacedContentStore
     from pycontainerd.content.store import Status
+    from pycontainerd.transfer.staging import Speculation, Stager
 
 __all__ = ["ContentService"]
 
@@ -78,8 +79,10 @@ def _status_to_pb(st: Status) -> content_pb2.Status:
 class ContentService(content_pb2_grpc.ContentServicer):
     """gRPC plugin instance: ``register(server)`` adds the Content service."""
 
-    def __init__(self, store: NamespacedContentStore) -> None:
+    def __init__(self, store: NamespacedContentStore, stager: Stager | None = None) -> None:
         self.store = store
+        # Unpacks blobs that look like layers while they are written (see Write).
+        self.stager = stager
 
     def register(self, server: grpc.aio.Server) -> None:
         content_pb2_grpc.add_ContentServicer_to_server(self, server)
@@ -166,6 +169,10 @@ class ContentService(content_pb2_grpc.ContentServicer):
         expected = req.expected
         writer = await self.store.writer(ref, total=total, expected=expected)
         msg = content_pb2.WriteContentResponse()
+        # A blob written from its first byte may be a layer the client applies next
+        # (ctr images import): it is unpacked on the side, never holding the write up.
+        spec: Speculation | None = None
+        fresh = writer.fresh
         try:
             while True:
                 msg.action = req.action
@@ -186,9 +193,20 @@ class ContentService(content_pb2_grpc.ContentServicer):
                     msg.updated_at.CopyFrom(_ts(st.updated_at))
                     msg.total = total
                 elif req.action in (_WRITE, _COMMIT):
+                    if req.data and self.stager is not None:
+                        if spec is None:
+                            if fresh and req.offset == 0:
+                                spec = await self.stager.speculate(req.data, writer.data_path)
+                        elif req.offset == writer.status().offset:
+                            spec.offer(req.data)
+                        else:
+                            spec.cancel()  # a restart from 0 (or a bad offset)
+                    fresh = False
                     msg.offset = (await writer.write_at(req.offset, req.data)).offset
                     if req.action == _COMMIT:
-                        await writer.commit(total, expected, dict(req.labels))
+                        digest = await writer.commit(total, expected, dict(req.labels))
+                        if spec is not None:
+                            spec.finish(digest, msg.offset)
                     msg.digest = writer.digest()
                 else:
                     raise InvalidArgument(f"unknown write action {req.action}")
@@ -201,5 +219,7 @@ class ContentService(content_pb2_grpc.ContentServicer):
                 if req is None:
                     return
         finally:
+            if spec is not None:
+                spec.cancel()  # (a no-op once finished)
             # Runs on client cancel too: the ref is unlocked and the data kept for a resume.
             await writer.close()

@@ -17,7 +17,6 @@ namespace, or not a layer media type takes the SDK's ordinary path.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING
@@ -31,7 +30,7 @@ from pycontainerd.client.registry import Registry, RegistryHost
 from pycontainerd.errdefs import AlreadyExists, InvalidArgument
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Sequence
+    from collections.abc import Sequence
 
     import grpc.aio
 
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     from pycontainerd.client.pull import ProgressFn
     from pycontainerd.client.reference import Reference
     from pycontainerd.content.metadata import NamespacedContentStore
-    from pycontainerd.transfer.staging import StagedLayer, Stager
+    from pycontainerd.transfer.staging import Speculation, Stager
 
 __all__ = ["DaemonPull"]
 
@@ -129,7 +128,7 @@ class _Run:
         self._registry = registry
         self._ns = namespace
         self._unpack = unpack
-        self._staged: dict[str, StagedLayer] = {}
+        self._staged: set[str] = set()
         self._seen: set[str] = set()
 
     async def fetch(self, ref: Reference, index: int, desc: Descriptor, report: ProgressFn) -> bool:
@@ -144,50 +143,48 @@ class _Run:
         except AlreadyExists:
             report(Progress("done", desc.digest, desc.size, desc.size))
             return True
+        spec: Speculation | None = None
         try:
             if not w.fresh:
                 return False  # resumed or shared: the SDK continues it
-            layer = self._stager.new(desc.digest, overlay=index > 0)
             report(Progress("start", desc.digest, 0, desc.size))
             unpack = self._unpack and _unpackable(desc.media_type)
+            offset = 0
+            async for chunk in self._registry.fetch_blob(ref, desc, 0):
+                if unpack and offset == 0:
+                    spec = await self._stager.speculate(chunk, w.data_path, wanted=True)
+                await w.write_at(offset, chunk)
+                offset += len(chunk)
+                if spec is not None:
+                    spec.offer(chunk)
+                report(Progress("bytes", desc.digest, offset, desc.size))
             try:
-                await self._stager.stream(
-                    layer, self._chunks(ref, desc, report), w.append_sync, unpack
-                )
-                with contextlib.suppress(AlreadyExists):
-                    await w.commit(desc.size, desc.digest)
-            except BaseException:
-                await asyncio.to_thread(layer.discard)
-                raise
-            if layer.result is not None:
-                self._staged[desc.digest] = layer
-            else:
-                await asyncio.to_thread(layer.discard)
+                digest = await w.commit(desc.size, desc.digest)
+            except AlreadyExists:
+                digest = desc.digest  # committed meanwhile (another pull): the same bytes
+            if spec is not None:
+                spec.finish(digest, offset)
+                spec = None
+                self._staged.add(digest)
             report(Progress("done", desc.digest, desc.size, desc.size))
             return True
         finally:
+            if spec is not None:
+                spec.cancel()
             await w.close()
 
     async def apply(self, desc: Descriptor, mounts: Sequence[mount_pb2.Mount]) -> str | None:
-        layer = self._staged.pop(desc.digest, None)
-        if layer is None or layer.result is None:
+        if desc.digest not in self._staged:
             return None
-        if await asyncio.to_thread(layer.adopt, mounts):
-            self._report(Progress("extracted", desc.digest, desc.size, desc.size))
-            return layer.result.digest
-        await asyncio.to_thread(layer.discard)
-        return None
+        self._staged.discard(desc.digest)
+        result = await self._stager.adopt(desc.digest, mounts)
+        if result is None:
+            return None
+        self._report(Progress("extracted", desc.digest, desc.size, desc.size))
+        return result.digest
 
     async def discard(self) -> None:
-        left, self._staged = list(self._staged.values()), {}
-        for layer in left:
-            await asyncio.to_thread(layer.discard)
-
-    async def _chunks(
-        self, ref: Reference, desc: Descriptor, report: ProgressFn
-    ) -> AsyncGenerator[bytes, None]:
-        done = 0
-        async for chunk in self._registry.fetch_blob(ref, desc, 0):
-            done += len(chunk)
-            yield chunk
-            report(Progress("bytes", desc.digest, done, desc.size))
+        """Layers staged and not applied (their snapshot existed, or the pull failed)."""
+        for digest in self._staged:
+            self._stager.drop(digest)
+        self._staged.clear()

@@ -1,31 +1,33 @@
-"""Layers unpacked while they download, then moved into their snapshot.
+"""Layers unpacked while their blobs are written, then moved into their snapshot.
 
-A client-driven pull (containerd's way) first stores every blob, then unpacks the layers
-one after the other, each onto its parent's snapshot: the unpack cannot start before the
-last byte arrives, and the blob is read back from disk. The daemon's own pull instead
-feeds each layer's bytes, as they come from the registry, to one worker thread that
-both appends them to the content ingest (hashing them) and unpacks them into a *staging*
-directory of their own. All layers download and unpack at once.
+containerd's clients write every blob first, then unpack the layers one after the other,
+each onto its parent's snapshot, reading each blob back from disk: the unpack cannot
+start before the last byte is in. Here a blob that looks like a layer is unpacked while
+it is written — by the daemon's own pull, or by any client through Content.Write (``ctr
+images import``) — into a *staging* directory of its own, and Diff.Apply later moves
+that directory into the fresh snapshot instead of unpacking the blob.
 
-A layer unpacked before its parent exists cannot look at its lower layers, and needs
-them only in two places, which the staging deals with:
+The unpacking runs in a helper process, :mod:`.unpacker`, which reads the ingest's file
+as it grows, at a lower priority: it never competes with the event loop for the
+interpreter lock, and never holds the write up.
+
+A layer unpacked before anyone says which layer of which chain it is, is unpacked in
+overlay form, which needs nothing from the layers below except in two places:
 
 - the parent directories a layer implies without entries of its own take their owner,
   mode and xattrs from the same directory below (containerd's ``WithParents``): the apply
-  lists them (``defer_parents``) and :meth:`StagedLayer.adopt` copies the attributes once
-  the lower layers are known;
-- whiteouts: the first layer is unpacked the way a bind mount is (whiteouts delete, as
-  there is nothing below), every other layer in overlay form (whiteouts become overlay
-  char devices and opaque xattrs, independent of what is below).
+  lists them (``defer_parents``) and :meth:`StagedLayer.adopt` gives them their
+  attributes once the lower layers are known;
+- if it turns out to be the first layer (a bind mount of an empty directory), its
+  whiteout devices and opaque markers are dropped, which gives what a naive apply onto
+  nothing gives (:func:`pycontainerd.archive.drop_overlay_markers`).
 
 Hardlinks resolve inside the layer itself, as in containerd's overlay applier.
 
-At unpack time, :meth:`StagedLayer.adopt` checks the fresh snapshot's mounts are what the
-staging assumed (a bind mount of an empty directory for the first layer, an overlay
-whose upperdir is empty for the others, on the same filesystem) and renames the staging
-directory into place. Anything else — another snapshotter, an extraction that failed, a
-resumed download — leaves the layer to Diff.Apply from the stored blob, which also gives
-a bad layer its usual error. Blocking parts run in the stager's own threads.
+:meth:`StagedLayer.adopt` checks that the snapshot's mounts fit (an empty directory on
+the same filesystem) and renames the staging directory into place. Anything else —
+another snapshotter, an unpack that failed, a resumed or restarted write — leaves the
+layer to Diff.Apply from the stored blob, which also gives a bad layer its usual error.
 """
 
 from __future__ import annotations
@@ -33,156 +35,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
-import queue
 import shutil
+import socket
 import stat
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pycontainerd.archive import (
     ApplyResult,
-    ArchiveCanceled,
-    apply_layer,
+    Compression,
     copy_implied_parents,
-    decompress_stream,
+    drop_overlay_markers,
 )
+from pycontainerd.archive.compression import detect_compression
+from pycontainerd.transfer.unpacker import MAX_MESSAGE
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Callable, Sequence
+    from collections.abc import Sequence
     from pathlib import Path
 
-    from pycontainerd.api.types import mount_pb2
 
-__all__ = ["Feed", "StagedLayer", "Stager"]
+class _MountLike(Protocol):
+    """A mount, as a protobuf message or the daemon's own Mount."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def options(self) -> Sequence[str]: ...
+
+
+__all__ = ["Speculation", "StagedLayer", "Stager", "looks_like_layer"]
 
 log = logging.getLogger(__name__)
 
-# Chunks a download may run ahead of its worker thread (about 1 MiB each).
-FEED_WINDOW = 8
-
-
-class _Canceled:
-    """Put in a feed when the download stops before its end."""
-
-
-class Feed:
-    """Chunks from the event loop to one worker thread, at most ``window`` in flight."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, window: int = FEED_WINDOW) -> None:
-        self._loop = loop
-        self._q: queue.SimpleQueue[bytes | _Canceled | None] = queue.SimpleQueue()
-        self._credits = asyncio.Semaphore(window)
-        self._window = window
-        self.closed = False  # the worker stopped taking chunks
-
-    async def put(self, chunk: bytes) -> None:
-        """Hand over ``chunk``, waiting while the worker is ``window`` chunks behind."""
-        await self._credits.acquire()
-        if self.closed:
-            raise EOFError("the layer's worker stopped")
-        self._q.put(chunk)
-
-    def end(self) -> None:
-        self._q.put(None)
-
-    def cancel(self) -> None:
-        self._q.put(_Canceled())
-
-    def get(self) -> bytes | None:
-        """The next chunk, None at the end; ArchiveCanceled if the download stopped."""
-        item = self._q.get()
-        if isinstance(item, _Canceled):
-            self._q.put(item)  # every later get() sees it too
-            raise ArchiveCanceled("download stopped")
-        if item is not None:
-            self._loop.call_soon_threadsafe(self._credits.release)
-        return item
-
-    def close(self) -> None:
-        """Worker side, when it stops early: wake a waiting ``put`` so it sees it."""
-        self.closed = True
-        for _ in range(self._window + 1):
-            self._loop.call_soon_threadsafe(self._credits.release)
-
-
-class _TeeSource:
-    """What the decompressor reads: the feed's chunks, each appended to the ingest first."""
-
-    def __init__(self, feed: Feed, sink: Callable[[bytes], None]) -> None:
-        self._feed = feed
-        self._sink = sink
-        self._buf = memoryview(b"")
-        self._eof = False
-
-    def _next(self) -> bool:
-        if self._eof:
-            return False
-        chunk = self._feed.get()
-        if chunk is None:
-            self._eof = True
-            return False
-        self._sink(chunk)
-        self._buf = memoryview(chunk)
-        return True
-
-    def read(self, n: int = -1, /) -> bytes:
-        if not self._buf and not self._next():
-            return b""
-        if n < 0 or n >= len(self._buf):
-            out, self._buf = self._buf, memoryview(b"")
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return bytes(out)
-
-    def drain(self) -> None:
-        """The rest of the blob goes to the ingest (the unpack may stop short of it)."""
-        self._buf = memoryview(b"")
-        while self._next():
-            pass
-
 
 class StagedLayer:
-    """One layer's staging directory and the outcome of unpacking it there."""
+    """One layer's staging directory and the outcome of unpacking it there (in overlay
+    form, with its markers listed, so that it can still become a first layer)."""
 
-    def __init__(self, path: Path, overlay: bool) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.overlay = overlay  # unpacked in overlay form (every layer but the first)
         self.result: ApplyResult | None = None
-        self.error: BaseException | None = None
 
-    def run(self, feed: Feed, sink: Callable[[bytes], None], unpack: bool) -> None:
-        """Worker thread: append every chunk to the ingest, unpacking as it goes.
-
-        An unpack failure is kept (the layer is then left to Diff.Apply, which reports
-        it) and the download goes on; a failure to append ends it.
-        """
-        src = _TeeSource(feed, sink)
-        try:
-            if unpack:
-                try:
-                    self.path.mkdir(mode=0o755)
-                    stream = decompress_stream(src)
-                    self.result = apply_layer(
-                        self.path, stream, overlay=self.overlay, defer_parents=self.overlay
-                    )
-                except ArchiveCanceled:
-                    raise
-                except Exception as exc:  # a bad layer: Diff.Apply reports it later
-                    self.error = exc
-                    log.debug("staging %s failed: %s", self.path.name, exc)
-            src.drain()
-        finally:
-            feed.close()
-
-    def adopt(self, mounts: Sequence[mount_pb2.Mount]) -> bool:
+    def adopt(self, mounts: Sequence[_MountLike]) -> bool:
         """Move the unpacked layer into the fresh snapshot ``mounts`` describe; False
-        (nothing changed) when they are not what the staging assumed. Blocking."""
-        if self.result is None or not self.path.is_dir():
+        (nothing changed) when they are not what the staging can become. Blocking."""
+        result = self.result
+        if result is None or not self.path.is_dir():
             return False
-        target, lowers = _target(mounts, self.overlay)
-        if target is None:
+        kind, target, lowers = _target(mounts)
+        if target is None or (kind == "bind" and not result.markers_droppable):
             return False
         try:
             st = os.lstat(target)
@@ -191,11 +100,13 @@ class StagedLayer:
                 return False
         except OSError:
             return False
+        if kind == "bind":
+            drop_overlay_markers(self.path, result)  # it is a first layer
         # The snapshot's own root directory keeps its owner and mode, as when unpacked into it.
         os.chown(self.path, st.st_uid, st.st_gid)
         os.chmod(self.path, stat.S_IMODE(st.st_mode))
-        if self.result.implied:
-            copy_implied_parents(self.path, self.result.implied, lowers, self.result.relisted)
+        if result.implied:
+            copy_implied_parents(self.path, result.implied, lowers, result.relisted)
         os.rmdir(target)
         os.rename(self.path, target)
         return True
@@ -212,70 +123,291 @@ def _option(options: Sequence[str], key: str) -> str | None:
     return None
 
 
-def _target(mounts: Sequence[mount_pb2.Mount], overlay: bool) -> tuple[str | None, list[str]]:
-    """The directory a layer staged in this form goes to under ``mounts``, and its lowers."""
+def _target(mounts: Sequence[_MountLike]) -> tuple[str, str | None, list[str]]:
+    """(bind or overlay, the directory a layer goes to under ``mounts``, its lowers)."""
     if len(mounts) != 1:
-        return None, []
+        return "", None, []
     m = mounts[0]
-    if not overlay and m.type == "bind" and "ro" not in m.options:
-        return m.source, []
-    if overlay and m.type == "overlay":
+    if m.type == "bind" and "ro" not in m.options:
+        return "bind", m.source, []
+    if m.type == "overlay":
         upper = _option(m.options, "upperdir")
         lower = _option(m.options, "lowerdir")
         if upper:
-            return upper, lower.split(":") if lower else []
-    return None, []
+            return "overlay", upper, lower.split(":") if lower else []
+    return "", None, []
+
+
+def looks_like_layer(head: bytes) -> bool:
+    """Whether a blob starting with ``head`` may be a layer: gzip, zstd, or a tar."""
+    if detect_compression(head) is not Compression.NONE:
+        return True
+    return head[257:262] == b"ustar"
+
+
+class _Helper:
+    """The speculative unpacker process (:mod:`.unpacker`) and its socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pycontainerd.transfer.unpacker", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        parent.setblocking(False)
+        self.sock = parent
+        self.alive = True
+        self._ids = itertools.count(1)
+        self._jobs: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+    def attach(self) -> None:
+        """Watch for answers (on the loop, once the process is started)."""
+        self._loop.add_reader(self.sock.fileno(), self._readable)
+
+    def begin(self, path: Path, fd: int) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        job_id = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._jobs[job_id] = fut
+        self.send({"op": "begin", "id": job_id, "path": str(path)}, [fd])
+        return job_id, fut
+
+    def send(self, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        if not self.alive:
+            return
+        try:
+            socket.send_fds(self.sock, [json.dumps(doc).encode()], list(fds))
+        except OSError as exc:  # full or gone: the jobs fail, the daemon unpacks itself
+            log.debug("speculative unpacker: %s", exc)
+            self._die()
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._die()
+                return
+            doc = json.loads(data)
+            fut = self._jobs.pop(int(doc["id"]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(doc)
+
+    def _die(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for fut in self._jobs.values():
+            if not fut.done():
+                fut.set_result({"error": "the speculative unpacker stopped"})
+        self._jobs.clear()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        # Reaped in a thread: the process may take a moment to go.
+        self._loop.run_in_executor(None, self.proc.wait)
+
+
+class Speculation:
+    """A blob being written through the Content service, unpacked on the side by the
+    speculative unpacker in case it turns out to be a layer someone applies (``ctr
+    images import`` applies each layer right after writing every blob). The unpacker
+    reads the ingest's own file as it grows: the write never waits for it."""
+
+    def __init__(self, stager: Stager, helper: _Helper, job: int, layer: StagedLayer,
+                 work: asyncio.Future[None]) -> None:  # fmt: skip
+        self._stager = stager
+        self._helper = helper
+        self._job = job
+        self._layer = layer
+        self._work = work
+        self.active = True
+
+    def offer(self, chunk: bytes) -> None:
+        """``chunk`` was appended to the ingest."""
+        if self.active:
+            self._helper.send({"op": "more", "id": self._job})
+
+    def finish(self, digest: str, size: int) -> None:
+        """The blob is committed as ``digest`` (``size`` bytes): keep what comes of it."""
+        if self.active:
+            self.active = False
+            self._helper.send({"op": "end", "id": self._job, "size": size})
+            self._stager._keep(digest, self._layer, self._work)
+
+    def cancel(self) -> None:
+        if self.active:
+            self.active = False
+            self._helper.send({"op": "cancel", "id": self._job})
+            self._stager._discard_when_done(self._layer, self._work)
+
+
+def _result(doc: dict[str, Any]) -> ApplyResult:
+    return ApplyResult(
+        digest=str(doc["digest"]),
+        size=int(doc["size"]),
+        implied=tuple(doc["implied"]),
+        relisted=frozenset(doc["relisted"]),
+        whiteouts=frozenset(doc["whiteouts"]),
+        opaques=frozenset(doc["opaques"]),
+        markers_droppable=bool(doc["markers_droppable"]),
+    )
 
 
 class Stager:
-    """Staging directories under ``root`` and the threads that fill them."""
+    """Staging directories under ``root`` and the threads that fill them.
 
-    def __init__(self, root: Path, workers: int = 8) -> None:
+    Layers unpacked speculatively wait here by blob digest, the newest ``MAX_READY``
+    for at most ``READY_TTL`` seconds, until :meth:`take` hands one to Diff.Apply.
+    """
+
+    MAX_SPECULATING = 4
+    MAX_READY = 16
+    READY_TTL = 300.0
+
+    def __init__(self, root: Path, *, speculate: bool = True) -> None:
         self.root = root
-        self._pool: ThreadPoolExecutor | None = None
-        self._workers = workers
+        self.speculative = speculate
         self._ids = itertools.count()
         self._pid = os.getpid()
+        self._speculating = 0
+        self._helper: _Helper | None = None
+        self._helper_failed = False
+        self._ready: dict[str, tuple[float, StagedLayer, asyncio.Future[None]]] = {}
 
     def clean(self) -> None:
         """Remove what a previous run left (at start-up). Blocking."""
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def new(self, digest: str, overlay: bool) -> StagedLayer:
-        name = f"{self._pid}-{next(self._ids)}-{digest.rsplit(':', 1)[-1][:12]}"
-        return StagedLayer(self.root / name, overlay)
+    def _new(self) -> StagedLayer:
+        return StagedLayer(self.root / f"{self._pid}-{next(self._ids)}")
 
-    async def stream(
-        self,
-        layer: StagedLayer,
-        chunks: AsyncGenerator[bytes, None],
-        sink: Callable[[bytes], None],
-        unpack: bool,
-    ) -> None:
-        """Run ``layer.run`` on a stager thread while ``chunks`` feeds it; raises the
-        download's or the ingest's failure."""
-        loop = asyncio.get_running_loop()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="stage")
-        feed = Feed(loop)
-        work = loop.run_in_executor(self._pool, layer.run, feed, sink, unpack)
+    async def speculate(
+        self, first: bytes, data_path: Path | None, *, wanted: bool = False
+    ) -> Speculation | None:
+        """Start unpacking the ingest file ``data_path`` as it is written, if its first
+        chunk ``first`` says it may be a layer and fewer than ``MAX_SPECULATING`` are
+        under way (``wanted``: a pull that knows it is a layer, no limit). None when not,
+        or when the unpacker cannot start."""
+        if data_path is None or not looks_like_layer(first):
+            return None
+        if not wanted and (not self.speculative or self._speculating >= self.MAX_SPECULATING):
+            return None
+        helper = await self._live_helper()
+        if helper is None:
+            return None
         try:
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    try:
-                        await feed.put(chunk)
-                    except EOFError:
-                        break  # the worker failed: its error is raised below
-            feed.end()
-        except BaseException:
-            feed.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(work)
-            raise
-        await work
+            fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        layer = self._new()
+        try:
+            job, answer = helper.begin(layer.path, fd)
+        finally:
+            os.close(fd)
+        loop = asyncio.get_running_loop()
+        work: asyncio.Future[None] = loop.create_future()
+        self._speculating += 1
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        def done(fut: asyncio.Future[dict[str, Any]]) -> None:
+            self._speculating -= 1
+            doc = fut.result()
+            if "result" in doc:
+                layer.result = _result(doc["result"])
+            else:
+                log.debug("speculative unpack of %s: %s", layer.path.name, doc.get("error"))
+            work.set_result(None)
+
+        answer.add_done_callback(done)
+        return Speculation(self, helper, job, layer, work)
+
+    async def _live_helper(self) -> _Helper | None:
+        if self._helper is not None and self._helper.alive:
+            return self._helper
+        if self._helper_failed:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            helper = await asyncio.to_thread(_Helper, loop)
+        except OSError as exc:
+            log.warning("speculative unpacker cannot start: %s", exc)
+            self._helper_failed = True
+            return None
+        helper.attach()
+        self._helper = helper
+        return helper
+
+    def _discard_when_done(self, layer: StagedLayer, work: asyncio.Future[None]) -> None:
+        def later(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                asyncio.get_running_loop().run_in_executor(None, layer.discard)
+
+        work.add_done_callback(later)
+
+    def _keep(self, digest: str, layer: StagedLayer, work: asyncio.Future[None]) -> None:
+        now = time.monotonic()
+        stale = [d for d, (t, _, _) in self._ready.items() if now - t > self.READY_TTL]
+        stale += list(self._ready)[: max(0, len(self._ready) + 1 - self.MAX_READY)]
+        if digest in self._ready:
+            stale.append(digest)
+        for d in dict.fromkeys(stale):
+            _, old, old_work = self._ready.pop(d)
+            self._discard_when_done(old, old_work)
+        self._ready[digest] = (now, layer, work)
+
+    def staged(self, digest: str) -> bool:
+        return digest in self._ready
+
+    def drop(self, digest: str) -> None:
+        """Forget the layer staged for ``digest`` (nobody will apply it)."""
+        entry = self._ready.pop(digest, None)
+        if entry is not None:
+            self._discard_when_done(entry[1], entry[2])
+
+    async def adopt(self, digest: str, mounts: Sequence[_MountLike]) -> ApplyResult | None:
+        """Move the layer staged for blob ``digest`` into the fresh snapshot ``mounts``
+        describe; its apply result, or None when there is none or it does not fit."""
+        layer = await self.take(digest)
+        if layer is None or layer.result is None:
+            return None
+        try:
+            if await asyncio.to_thread(layer.adopt, mounts):
+                return layer.result
+        except BaseException:
+            await asyncio.to_thread(layer.discard)
+            raise
+        log.debug("staged %s does not fit these mounts", digest)
+        await asyncio.to_thread(layer.discard)
+        return None
+
+    async def take(self, digest: str) -> StagedLayer | None:
+        """The layer unpacked on the side while blob ``digest`` was written, once its
+        worker is done; None if there is none (or it failed: Diff.Apply then says why)."""
+        entry = self._ready.pop(digest, None)
+        if entry is None:
+            return None
+        _, layer, work = entry
+        try:
+            await asyncio.shield(work)
+        except BaseException:
+            self._discard_when_done(layer, work)
+            raise
+        if layer.result is None or time.monotonic() - entry[0] > self.READY_TTL:
+            await asyncio.get_running_loop().run_in_executor(None, layer.discard)
+            return None
+        return layer

@@ -9,7 +9,15 @@ import stat
 import tarfile
 from typing import TYPE_CHECKING
 
-from pycontainerd.archive import apply_layer, copy_implied_parents, write_diff
+import pytest
+
+from pycontainerd.archive import (
+    ArchiveError,
+    apply_layer,
+    copy_implied_parents,
+    drop_overlay_markers,
+    write_diff,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -217,3 +225,39 @@ def test_deferred_parents_match_a_direct_apply(tar, snapshot_tree, tmp_path: Pat
     st = os.lstat(staged / "srv/shared/deep")
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o755, 50)
     assert os.getxattr(staged / "srv/shared", "user.kind") == b"shared"
+
+
+def test_overlay_form_becomes_a_first_layer(tar, snapshot_tree, tmp_path: Path) -> None:
+    """A layer unpacked in overlay form before anyone says it is a first layer, with its
+    whiteouts and opaque markers dropped, is the naive apply onto an empty directory."""
+    layer = tar().dir("a").file("a/keep", b"k").file("a/gone", b"g").file("a/.wh.gone")
+    layer.file("a/.wh.never-there").dir("b").file("b/.wh..wh..opq").file("b/f", b"f")
+    layer.file("c/.wh.x").file("c/x", b"recreated after its whiteout")
+    data = layer.bytes()
+    naive, staged = tmp_path / "naive", tmp_path / "staged"
+    naive.mkdir()
+    staged.mkdir()
+    want = apply_layer(naive, io.BytesIO(data), overlay=False)
+    got = apply_layer(staged, io.BytesIO(data), overlay=True, defer_parents=True)
+    assert got.digest == want.digest
+    assert got.whiteouts == {"a/gone", "a/never-there"} and got.opaques == {"b"}
+    assert got.markers_droppable
+    assert snapshot_tree(staged) != snapshot_tree(naive)  # devices and markers
+    drop_overlay_markers(staged, got)
+    assert snapshot_tree(staged) == snapshot_tree(naive)
+    assert "trusted.overlay.opaque" not in os.listxattr(staged / "b")
+
+
+def test_opaque_marker_after_implied_dirs_is_not_droppable(tar, tmp_path: Path) -> None:
+    """A naive opaque marker deletes directories the layer only implied before it: the
+    overlay form cannot say that, so it refuses to turn into a first layer."""
+    data = tar().file("a/b/f", b"f").file("a/.wh..wh..opq").bytes()
+    naive, staged = tmp_path / "naive", tmp_path / "staged"
+    naive.mkdir()
+    staged.mkdir()
+    apply_layer(naive, io.BytesIO(data), overlay=False)
+    assert not (naive / "a/b").exists()  # the naive marker took the implied a/b
+    got = apply_layer(staged, io.BytesIO(data), overlay=True, defer_parents=True)
+    assert not got.markers_droppable
+    with pytest.raises(ArchiveError):
+        drop_overlay_markers(staged, got)

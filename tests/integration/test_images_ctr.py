@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.containerd import CONTAINERD, Containerd
 from tests.support.ctr_images import mounted_listing, table
+from tests.support.daemon import Daemon
 from tests.support.fs_listing import diff_trees
 from tests.support.images import (
     Compression,
+    Image,
+    Layer,
     busybox_image,
     expected_tree,
     feature_image,
@@ -28,9 +32,7 @@ from tests.support.images import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tests.support.daemon import Daemon
     from tests.support.fs_listing import Entry
-    from tests.support.images import Image
 
 pytestmark = [pytest.mark.ctr, pytest.mark.root]
 
@@ -158,3 +160,55 @@ def test_feature_image_same_tree_as_containerd(
         real.cleanup()
     diff = diff_trees(theirs, ours)
     assert diff == [], "\n".join(diff)
+
+
+def _moved_in(d: Daemon) -> list[str]:
+    """Layers Diff.Apply took from their unpack made while ctr wrote them."""
+    return re.findall(r"apply (sha256:[0-9a-f]{64}): moved in its unpack", d.log())
+
+
+def fresh_image() -> Image:
+    """Layers no other test wrote (a blob the daemon holds already is not written again),
+    with whiteouts, an opaque dir, implied parents over a setgid dir, and a first layer
+    whose opaque marker follows a directory it only implied — which the speculative
+    unpack cannot turn into a first layer, so Diff.Apply does that one."""
+    tag = os.urandom(8).hex().encode()
+    base = Layer(comment="first").file("id", tag).file("a/b/f", b"f").opaque("a")
+    base.dir("srv").dir("srv/shared", mode=0o2775, gid=50).file("etc/x", b"x").dir("etc")
+    mid = Layer(comment="second").file("srv/shared/deep/f", tag).whiteout("etc/x")
+    mid.dir("opt").file("opt/o", b"o")
+    top = Layer(comment="third").dirs("opt").opaque("opt").file("opt/p", tag).file("id2", tag)
+    return Image(layers=(base, mid, top), compression="gzip", cmd=None)
+
+
+def _import_fresh(tmp_path: Path, image: Image, config: str) -> tuple[dict[str, Entry], list[str]]:
+    """Import ``image`` with ctr into a daemon of its own; (mounted tree, moved-in layers)."""
+    tmp_path.mkdir()
+    d = Daemon(config=config).start()
+    try:
+        ref = "docker.io/library/fresh:1"
+        archive = tmp_path / "fresh.tar"
+        write_oci_archive(archive, {ref: image})
+        d.ctr("images", "import", str(archive), namespace="spec")
+        tree = mounted_listing(d, "spec", ref, tmp_path / "mnt")
+        staging = d.root / "io.containerd.internal.v1.staging"
+        assert list(staging.iterdir()) == []  # every staged layer went somewhere
+        return tree, _moved_in(d)
+    finally:
+        d.cleanup()
+
+
+def test_import_unpacks_layers_while_ctr_writes_them(tmp_path: Path) -> None:
+    image = fresh_image()
+    tree, moved = _import_fresh(tmp_path / "spec", image, "version = 2\n")
+    off = '[plugins."io.containerd.internal.v1.staging"]\nspeculative_unpack = false\n'
+    plain, none = _import_fresh(tmp_path / "plain", image, "version = 2\n" + off)
+    first, *rest = (blob.digest for blob in image.layer_blobs)
+    # Layers 2 and 3 were unpacked while ctr wrote them; the first layer's opaque marker
+    # came after a/b, which only a naive apply deletes, so Diff.Apply unpacked it.
+    assert moved == rest and none == []
+    assert diff_trees(plain, tree, ignore_dir_mtime=True) == []
+    assert "a/b" not in tree and tree["a"].type == "dir"
+    assert (tree["srv/shared/deep"].gid, tree["srv/shared"].mode) == (50, 0o2775)
+    assert "etc/x" not in tree and sorted(p for p in tree if p.startswith("opt/")) == ["opt/p"]
+    assert first not in moved
