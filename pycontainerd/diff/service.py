@@ -37,7 +37,7 @@ from pycontainerd.archive import (
     write_diff,
 )
 from pycontainerd.errdefs import FailedPrecondition, InvalidArgument, PycdError, Unimplemented
-from pycontainerd.snapshots.mount import Mount, temp_mount
+from pycontainerd.snapshots.mount import Mount, option_value, temp_mount
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -83,21 +83,13 @@ class _ReaderFile:
         return len(data)
 
 
-def _option(options: Sequence[str], key: str) -> str | None:
-    prefix = key + "="
-    for o in options:
-        if o.startswith(prefix):
-            return o[len(prefix) :]
-    return None
-
-
 def _apply_sync(
     mounts: Sequence[Mount], stream: BinaryIO, cancel: threading.Event
 ) -> tuple[str, int]:
     if len(mounts) == 1 and mounts[0].type == "overlay":
         opts = mounts[0].options
-        upper = _option(opts, "upperdir")
-        lower = _option(opts, "lowerdir")
+        upper = option_value(opts, "upperdir")
+        lower = option_value(opts, "lowerdir")
         if upper is not None:
             lowers = [Path(p) for p in lower.split(":")] if lower else []
             r = apply_layer(Path(upper), stream, overlay=True, lower_dirs=lowers, cancel=cancel)

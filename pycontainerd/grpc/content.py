@@ -197,9 +197,7 @@ class ContentService(content_pb2_grpc.ContentServicer):
                         if spec is None:
                             if fresh and req.offset == 0:
                                 spec = await self.stager.speculate(req.data, writer.data_path)
-                        elif req.offset == writer.status().offset:
-                            spec.offer(req.data)
-                        else:
+                        elif req.offset != writer.status().offset:
                             spec.cancel()  # a restart from 0 (or a bad offset)
                     fresh = False
                     msg.offset = (await writer.write_at(req.offset, req.data)).offset

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-__all__ = ["Mount", "libc", "mount_all", "temp_mount", "unmount", "unmount_all"]
+__all__ = ["Mount", "libc", "mount_all", "option_value", "temp_mount", "unmount", "unmount_all"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,15 @@ class Mount:
     def mount(self, target: str | os.PathLike[str]) -> None:
         """Mount onto ``target``; OSError (with the errno) on failure."""
         _mount_one(self, os.fspath(target))
+
+
+def option_value(options: Sequence[str], key: str) -> str | None:
+    """The value of ``key=value`` among mount ``options`` (``upperdir``, ``lowerdir``)."""
+    prefix = key + "="
+    for o in options:
+        if o.startswith(prefix):
+            return o[len(prefix) :]
+    return None
 
 
 def parse_options(options: Sequence[str]) -> tuple[int, str]:

@@ -155,8 +155,6 @@ class _Run:
                     spec = await self._stager.speculate(chunk, w.data_path, wanted=True)
                 await w.write_at(offset, chunk)
                 offset += len(chunk)
-                if spec is not None:
-                    spec.offer(chunk)
                 report(Progress("bytes", desc.digest, offset, desc.size))
             try:
                 digest = await w.commit(desc.size, desc.digest)

@@ -53,6 +53,7 @@ from pycontainerd.archive import (
     drop_overlay_markers,
 )
 from pycontainerd.archive.compression import detect_compression
+from pycontainerd.snapshots.mount import option_value
 from pycontainerd.transfer.unpacker import MAX_MESSAGE
 
 if TYPE_CHECKING:
@@ -115,14 +116,6 @@ class StagedLayer:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _option(options: Sequence[str], key: str) -> str | None:
-    prefix = key + "="
-    for o in options:
-        if o.startswith(prefix):
-            return o[len(prefix) :]
-    return None
-
-
 def _target(mounts: Sequence[_MountLike]) -> tuple[str, str | None, list[str]]:
     """(bind or overlay, the directory a layer goes to under ``mounts``, its lowers)."""
     if len(mounts) != 1:
@@ -131,8 +124,8 @@ def _target(mounts: Sequence[_MountLike]) -> tuple[str, str | None, list[str]]:
     if m.type == "bind" and "ro" not in m.options:
         return "bind", m.source, []
     if m.type == "overlay":
-        upper = _option(m.options, "upperdir")
-        lower = _option(m.options, "lowerdir")
+        upper = option_value(m.options, "upperdir")
+        lower = option_value(m.options, "lowerdir")
         if upper:
             return "overlay", upper, lower.split(":") if lower else []
     return "", None, []
@@ -237,11 +230,6 @@ class Speculation:
         self._work = work
         self.active = True
 
-    def offer(self, chunk: bytes) -> None:
-        """``chunk`` was appended to the ingest."""
-        if self.active:
-            self._helper.send({"op": "more", "id": self._job})
-
     def finish(self, digest: str, size: int) -> None:
         """The blob is committed as ``digest`` (``size`` bytes): keep what comes of it."""
         if self.active:
@@ -278,6 +266,7 @@ class Stager:
     MAX_SPECULATING = 4
     MAX_READY = 16
     READY_TTL = 300.0
+    TAKE_TIMEOUT = 300.0  # an unpack still running this long is left to Diff.Apply
 
     def __init__(self, root: Path, *, speculate: bool = True) -> None:
         self.root = root
@@ -403,7 +392,10 @@ class Stager:
             return None
         _, layer, work = entry
         try:
-            await asyncio.shield(work)
+            await asyncio.wait_for(asyncio.shield(work), self.TAKE_TIMEOUT)
+        except TimeoutError:
+            self._discard_when_done(layer, work)
+            return None
         except BaseException:
             self._discard_when_done(layer, work)
             raise

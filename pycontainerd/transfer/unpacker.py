@@ -7,8 +7,9 @@ blob written through the Content service looks like a layer, and talks to it ove
 - ``{"op": "begin", "id": N, "path": DIR}`` with the ingest's data file descriptor
   attached (SCM_RIGHTS): unpack that file, as it grows, into the new directory ``DIR``,
   in overlay form with deferred parents (:func:`pycontainerd.archive.apply_layer`);
-- ``{"op": "more", "id": N}``: more bytes were written; ``{"op": "end", "id": N,
-  "size": S}``: the blob is committed with ``S`` bytes; ``{"op": "cancel", "id": N}``.
+- ``{"op": "end", "id": N, "size": S}``: the blob is committed with ``S`` bytes;
+  ``{"op": "cancel", "id": N}``. Until the end, the file is read as far as it goes and
+  looked at again every few milliseconds.
 
 It answers each job once: ``{"id": N, "result": {...}}`` (the ``ApplyResult`` fields) or
 ``{"id": N, "error": "..."}``. A separate process, at a lower priority, so that this work
@@ -34,7 +35,7 @@ from pycontainerd.archive import ArchiveCanceled, apply_layer, decompress_stream
 __all__ = ["MAX_MESSAGE", "main"]
 
 MAX_MESSAGE = 64 << 10
-_POLL = 0.05  # seconds between looks at a file while no "more" arrives
+_POLL = 0.01  # seconds between looks at a file that has no new bytes yet
 
 
 class _Job:
@@ -104,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def answer(doc: dict[str, Any]) -> None:
         jobs.pop(int(doc["id"]), None)
+        data = json.dumps(doc).encode()
+        if len(data) > MAX_MESSAGE:  # (a layer implying tens of thousands of directories)
+            data = json.dumps({"id": doc["id"], "error": "result too large"}).encode()
         with send_lock, contextlib.suppress(OSError):
-            sock.send(json.dumps(doc).encode())
+            sock.send(data)
 
     while True:
         try:
@@ -131,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             found.poke(size=int(msg["size"]))
         elif op == "cancel":
             found.poke(cancel=True)
-        else:
-            found.poke()
     for job in list(jobs.values()):
         job.poke(cancel=True)
     return 0

@@ -212,3 +212,42 @@ def test_import_unpacks_layers_while_ctr_writes_them(tmp_path: Path) -> None:
     assert (tree["srv/shared/deep"].gid, tree["srv/shared"].mode) == (50, 0o2775)
     assert "etc/x" not in tree and sorted(p for p in tree if p.startswith("opt/")) == ["opt/p"]
     assert first not in moved
+
+
+def _unpackers(d: Daemon) -> list[int]:
+    """Pids of the daemon's speculative unpacker processes."""
+    assert d.proc is not None
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == d.proc.pid and b"pycontainerd.transfer.unpacker" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_import_survives_the_unpacker_dying(daemon: Daemon, tmp_path: Path) -> None:
+    """kill -9 of the speculative unpacker between imports: the next import still works
+    (unpacked the ordinary way if need be) and a new unpacker takes over."""
+    first = fresh_image()
+    archive = tmp_path / "one.tar"
+    write_oci_archive(archive, {"docker.io/library/one:1": first})
+    daemon.ctr("images", "import", str(archive), namespace="unpacker-dies")
+    [pid] = _unpackers(daemon)
+    os.kill(pid, 9)
+    second = fresh_image()
+    archive = tmp_path / "two.tar"
+    ref = "docker.io/library/two:1"
+    write_oci_archive(archive, {ref: second})
+    daemon.ctr("images", "import", str(archive), namespace="unpacker-dies")
+    tree = mounted_listing(daemon, "unpacker-dies", ref, tmp_path / "mnt")
+    assert tree["id"].sha256 == hashlib.sha256(second.layers[0].entries[0].data).hexdigest()
+    assert "a/b" not in tree and sorted(p for p in tree if p.startswith("opt/")) == ["opt/p"]
+    assert len(_unpackers(daemon)) == 1 and pid not in _unpackers(daemon)
