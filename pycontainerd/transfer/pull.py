@@ -5,11 +5,12 @@ It runs the client SDK's pull (``pycontainerd.client.pull``) inside the daemon, 
 the in-process channel, so leases, resume, gc labels, image records and events are the
 same as for any client's pull. Two hooks change how layers move:
 
-- ``fetch``: a layer's bytes go from the registry into its content ingest on a stager
-  thread that unpacks them at the same time into a staging directory
-  (:mod:`.staging`); the layer is committed as usual, digest verified;
+- ``fetch``: a layer's bytes go from the registry straight into its content ingest, and
+  the speculative unpacker (:mod:`.staging`) unpacks the ingest's file as it grows into
+  a staging directory; the layer is committed as usual, digest verified;
 - ``apply``: when the unpack reaches that layer, its staging directory is moved into the
-  fresh snapshot instead of Diff.Apply reading the blob back.
+  fresh snapshot instead of Diff.Apply reading the blob back (and a progress report
+  says so: ``extracted``).
 
 A layer whose ingest is resumed (a previous pull died midway), shared with another
 namespace, or not a layer media type takes the SDK's ordinary path.
