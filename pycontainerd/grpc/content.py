@@ -196,7 +196,9 @@ class ContentService(content_pb2_grpc.ContentServicer):
                     if req.data and self.stager is not None:
                         if spec is None:
                             if fresh and req.offset == 0:
-                                spec = await self.stager.speculate(req.data, writer.data_path)
+                                spec = await self.stager.speculate(
+                                    req.data, writer.data_path, total
+                                )
                         elif req.offset != writer.status().offset:
                             spec.cancel()  # a restart from 0 (or a bad offset)
                     fresh = False

@@ -166,11 +166,11 @@ class _Helper:
         """Watch for answers (on the loop, once the process is started)."""
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
-    def begin(self, path: Path, fd: int) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+    def begin(self, path: Path, fd: int, limit: int) -> tuple[int, asyncio.Future[dict[str, Any]]]:
         job_id = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._jobs[job_id] = fut
-        self.send({"op": "begin", "id": job_id, "path": str(path)}, [fd])
+        self.send({"op": "begin", "id": job_id, "path": str(path), "limit": limit}, [fd])
         return job_id, fut
 
     def send(self, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -198,7 +198,17 @@ class _Helper:
             if fut is not None and not fut.done():
                 fut.set_result(doc)
 
-    def _die(self) -> None:
+    async def stop(self) -> None:
+        """End the process: it exits when its socket closes (killed after 5 s)."""
+        proc = self.proc
+        self._die(kill=False)
+        try:
+            await asyncio.to_thread(proc.wait, 5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+
+    def _die(self, kill: bool = True) -> None:
         if not self.alive:
             return
         self.alive = False
@@ -209,10 +219,11 @@ class _Helper:
             if not fut.done():
                 fut.set_result({"error": "the speculative unpacker stopped"})
         self._jobs.clear()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        # Reaped in a thread: the process may take a moment to go.
-        self._loop.run_in_executor(None, self.proc.wait)
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            # Reaped in a thread: the process may take a moment to go.
+            self._loop.run_in_executor(None, self.proc.wait)
 
 
 class Speculation:
@@ -267,6 +278,8 @@ class Stager:
     MAX_READY = 16
     READY_TTL = 300.0
     TAKE_TIMEOUT = 300.0  # an unpack still running this long is left to Diff.Apply
+    MAX_RATIO = 100  # uncompressed bytes per blob byte a speculation may write...
+    MIN_LIMIT = 1 << 30  # ...or this many
 
     def __init__(self, root: Path, *, speculate: bool = True) -> None:
         self.root = root
@@ -287,12 +300,13 @@ class Stager:
         return StagedLayer(self.root / f"{self._pid}-{next(self._ids)}")
 
     async def speculate(
-        self, first: bytes, data_path: Path | None, *, wanted: bool = False
+        self, first: bytes, data_path: Path | None, total: int = 0, *, wanted: bool = False
     ) -> Speculation | None:
         """Start unpacking the ingest file ``data_path`` as it is written, if its first
         chunk ``first`` says it may be a layer and fewer than ``MAX_SPECULATING`` are
-        under way (``wanted``: a pull that knows it is a layer, no limit). None when not,
-        or when the unpacker cannot start."""
+        under way (``wanted``: a pull that knows it is a layer: no limits). Unasked, it
+        stops past ``MAX_RATIO`` times the blob's declared ``total`` (at least
+        ``MIN_LIMIT``) of uncompressed bytes. None when not started."""
         if data_path is None or not looks_like_layer(first):
             return None
         if not wanted and (not self.speculative or self._speculating >= self.MAX_SPECULATING):
@@ -305,8 +319,9 @@ class Stager:
         except OSError:
             return None
         layer = self._new()
+        limit = 0 if wanted else max(self.MIN_LIMIT, self.MAX_RATIO * total)
         try:
-            job, answer = helper.begin(layer.path, fd)
+            job, answer = helper.begin(layer.path, fd, limit)
         finally:
             os.close(fd)
         loop = asyncio.get_running_loop()
@@ -403,3 +418,10 @@ class Stager:
             await asyncio.get_running_loop().run_in_executor(None, layer.discard)
             return None
         return layer
+
+    async def close(self) -> None:
+        """Stop the unpacker process (at daemon shutdown); staged layers stay on disk
+        until the next start cleans them."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            await helper.stop()

@@ -4,9 +4,12 @@ The daemon starts one (``python -m pycontainerd.transfer.unpacker FD``) the firs
 blob written through the Content service looks like a layer, and talks to it over a
 ``SOCK_SEQPACKET`` socket pair, one JSON message per packet:
 
-- ``{"op": "begin", "id": N, "path": DIR}`` with the ingest's data file descriptor
-  attached (SCM_RIGHTS): unpack that file, as it grows, into the new directory ``DIR``,
-  in overlay form with deferred parents (:func:`pycontainerd.archive.apply_layer`);
+- ``{"op": "begin", "id": N, "path": DIR, "limit": L}`` with the ingest's data file
+  descriptor attached (SCM_RIGHTS): unpack that file, as it grows, into the new
+  directory ``DIR``, in overlay form with deferred parents
+  (:func:`pycontainerd.archive.apply_layer`), giving up past ``L`` uncompressed bytes
+  (0: no limit) — nobody asked for this unpack, so a decompression bomb must not fill
+  the disk;
 - ``{"op": "end", "id": N, "size": S}``: the blob is committed with ``S`` bytes;
   ``{"op": "cancel", "id": N}``. Until the end, the file is read as far as it goes and
   looked at again every few milliseconds.
@@ -38,11 +41,27 @@ MAX_MESSAGE = 64 << 10
 _POLL = 0.01  # seconds between looks at a file that has no new bytes yet
 
 
+class _Limited:
+    """The uncompressed stream, cut off past ``limit`` bytes."""
+
+    def __init__(self, src: Any, limit: int) -> None:
+        self._src = src
+        self._left = limit
+
+    def read(self, n: int, /) -> bytes:
+        data: bytes = self._src.read(n)
+        self._left -= len(data)
+        if self._left < 0:
+            raise OverflowError("the layer unpacks to more than the speculation allows")
+        return data
+
+
 class _Job:
-    def __init__(self, job_id: int, fd: int, path: Path) -> None:
+    def __init__(self, job_id: int, fd: int, path: Path, limit: int) -> None:
         self.id = job_id
         self.fd = fd
         self.path = path
+        self.limit = limit
         self.size: int | None = None
         self.canceled = False
         self.cond = threading.Condition()
@@ -81,9 +100,10 @@ class _Job:
     def run(self, answer: Any) -> None:
         try:
             self.path.mkdir(mode=0o755)
-            result = apply_layer(
-                self.path, decompress_stream(self), overlay=True, defer_parents=True
-            )
+            stream: Any = decompress_stream(self)
+            if self.limit > 0:
+                stream = _Limited(stream, self.limit)
+            result = apply_layer(self.path, stream, overlay=True, defer_parents=True)
             doc = asdict(result)
             for key, value in doc.items():
                 if isinstance(value, (frozenset, tuple)):
@@ -122,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         job_id = int(msg["id"])
         op = msg["op"]
         if op == "begin" and fds:
-            job = _Job(job_id, fds[0], Path(msg["path"]))
+            job = _Job(job_id, fds[0], Path(msg["path"]), int(msg.get("limit", 0)))
             jobs[job_id] = job
             threading.Thread(target=job.run, args=(answer,), daemon=True).start()
             continue

@@ -1,0 +1,119 @@
+"""The stager and its speculative unpacker process, without a daemon: a blob file
+written in pieces is unpacked as it grows, handed over by digest, and moved into an
+empty directory; a decompression bomb, a canceled write and a dead helper leave
+nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pycontainerd.transfer.staging import Stager, looks_like_layer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@dataclass
+class _Mount:
+    type: str
+    source: str
+    options: tuple[str, ...] = ("rbind", "rw")
+
+
+def _layer(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue())
+
+
+async def _write_slowly(path: Path, blob: bytes, piece: int = 4096) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        for i in range(0, len(blob), piece):
+            os.write(fd, blob[i : i + piece])
+            await asyncio.sleep(0.001)
+    finally:
+        os.close(fd)
+
+
+async def test_unpacks_a_growing_file_and_moves_it_in(tmp_path: Path) -> None:
+    stager = Stager(tmp_path / "staging")
+    stager.clean()
+    blob = _layer({"etc/hello": b"hello\n", "bin/tool": os.urandom(300_000)})
+    data = tmp_path / "ingest-data"
+    data.write_bytes(blob[:10])  # the first WRITE arrived
+    spec = await stager.speculate(blob[:1024], data, len(blob))
+    assert spec is not None
+    await _write_slowly(data, blob)
+    spec.finish("sha256:" + "ab" * 32, len(blob))
+    target = tmp_path / "snapshot"
+    target.mkdir()
+    result = await stager.adopt("sha256:" + "ab" * 32, [_Mount("bind", str(target))])
+    assert result is not None and result.size > 300_000
+    assert (target / "etc/hello").read_bytes() == b"hello\n"
+    assert list((tmp_path / "staging").iterdir()) == []
+    await stager.close()
+
+
+async def test_a_bomb_stops_at_the_limit(tmp_path: Path) -> None:
+    stager = Stager(tmp_path / "staging")
+    stager.clean()
+    stager.MIN_LIMIT = 1 << 20
+    blob = _layer({"zeros": bytes(32 << 20)})  # 32 MiB of zeros: a few KiB of gzip
+    assert len(blob) * stager.MAX_RATIO < 32 << 20
+    data = tmp_path / "ingest-data"
+    data.write_bytes(blob)
+    spec = await stager.speculate(blob[:1024], data, len(blob))
+    assert spec is not None
+    spec.finish("sha256:" + "cd" * 32, len(blob))
+    assert await stager.take("sha256:" + "cd" * 32) is None
+    await asyncio.sleep(0.2)  # the discard runs in a thread
+    assert list((tmp_path / "staging").iterdir()) == []
+    await stager.close()
+
+
+async def test_cancel_and_a_dead_helper(tmp_path: Path) -> None:
+    stager = Stager(tmp_path / "staging")
+    stager.clean()
+    blob = _layer({"f": b"x" * 1000})
+    data = tmp_path / "ingest-data"
+    data.write_bytes(blob[:100])
+    spec = await stager.speculate(blob[:100], data, len(blob))
+    assert spec is not None
+    spec.cancel()  # a restart of the write
+    assert await stager.take("sha256:" + "ef" * 32) is None
+    helper = stager._helper
+    assert helper is not None
+    helper.proc.kill()
+    helper.proc.wait()
+    await asyncio.sleep(0.1)  # the daemon side sees the socket close
+    assert not helper.alive
+    # A new helper takes over for the next blob.
+    data.write_bytes(blob)
+    spec = await stager.speculate(blob[:100], data, len(blob))
+    assert spec is not None
+    spec.finish("sha256:" + "12" * 32, len(blob))
+    layer = await stager.take("sha256:" + "12" * 32)
+    assert layer is not None and layer.result is not None
+    assert stager._helper is not helper
+    layer.discard()
+    await stager.close()
+
+
+def test_what_looks_like_a_layer() -> None:
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as tf:
+        tf.addfile(tarfile.TarInfo("x"), io.BytesIO(b""))
+    assert looks_like_layer(gzip.compress(b"x")) and looks_like_layer(tar.getvalue())
+    assert looks_like_layer(bytes.fromhex("28b52ffd") + b"rest")
+    assert not looks_like_layer(b'{"schemaVersion": 2}') and not looks_like_layer(b"")
