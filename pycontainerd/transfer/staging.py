@@ -275,8 +275,8 @@ class Stager:
     """
 
     MAX_SPECULATING = 4
-    MAX_READY = 16
-    READY_TTL = 300.0
+    MAX_READY = 64  # an image of up to 64 layers written before any is applied
+    READY_TTL = 600.0
     TAKE_TIMEOUT = 300.0  # an unpack still running this long is left to Diff.Apply
     MAX_RATIO = 100  # uncompressed bytes per blob byte a speculation may write...
     MIN_LIMIT = 1 << 30  # ...or this many
