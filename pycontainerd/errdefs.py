@@ -26,9 +26,10 @@ Hierarchy::
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = [
     "AlreadyExists",
@@ -50,10 +51,27 @@ __all__ = [
 ]
 
 
+class _Code:
+    """An error class's ``grpc.StatusCode``, looked up on first use: gRPC is not imported
+    by importing this module (a command-line program that never meets an error, or a
+    shim, does not pay ~40 ms for it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._code: grpc.StatusCode | None = None
+
+    def __get__(self, obj: Any, owner: Any) -> grpc.StatusCode:
+        if self._code is None:
+            import grpc
+
+            self._code = grpc.StatusCode[self.name]
+        return self._code
+
+
 class PycdError(Exception):
     """Base of every domain error; unmapped failures surface as UNKNOWN, as in containerd."""
 
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    code: ClassVar[_Code] = _Code("UNKNOWN")  # (reads as a grpc.StatusCode)
     text: ClassVar[str] = "unknown"
 
     def __init__(self, message: str = "") -> None:
@@ -69,94 +87,94 @@ class PycdError(Exception):
 
 
 class InvalidArgument(PycdError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = _Code("INVALID_ARGUMENT")
     text = "invalid argument"
 
 
 class NotFound(PycdError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = _Code("NOT_FOUND")
     text = "not found"
 
 
 class AlreadyExists(PycdError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = _Code("ALREADY_EXISTS")
     text = "already exists"
 
 
 class FailedPrecondition(PycdError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = _Code("FAILED_PRECONDITION")
     text = "failed precondition"
 
 
 class Unavailable(PycdError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = _Code("UNAVAILABLE")
     text = "unavailable"
 
 
 class Unimplemented(PycdError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code = _Code("UNIMPLEMENTED")
     text = "not implemented"
 
 
 class Internal(PycdError):
-    code = grpc.StatusCode.INTERNAL
+    code = _Code("INTERNAL")
     text = "internal"
 
 
 class OutOfRange(PycdError):
-    code = grpc.StatusCode.OUT_OF_RANGE
+    code = _Code("OUT_OF_RANGE")
     text = "out of range"
 
 
 class DataLoss(PycdError):
-    code = grpc.StatusCode.DATA_LOSS
+    code = _Code("DATA_LOSS")
     text = "data loss"
 
 
 class ResourceExhausted(PycdError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = _Code("RESOURCE_EXHAUSTED")
     text = "resource exhausted"
 
 
 class Canceled(PycdError):
-    code = grpc.StatusCode.CANCELLED
+    code = _Code("CANCELLED")
     text = "context canceled"
 
 
 class DeadlineExceeded(PycdError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = _Code("DEADLINE_EXCEEDED")
     text = "context deadline exceeded"
 
 
 class Unauthorized(PycdError):
     """A registry refused our credentials (or we had none to give)."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = _Code("UNAUTHENTICATED")
     text = "unauthorized"
 
 
-_BY_CODE: dict[grpc.StatusCode, type[PycdError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        Unavailable,
-        Unimplemented,
-        Internal,
-        OutOfRange,
-        DataLoss,
-        ResourceExhausted,
-        Canceled,
-        DeadlineExceeded,
-        Unauthorized,
-    )
-}
+_CLASSES: tuple[type[PycdError], ...] = (
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Unavailable,
+    Unimplemented,
+    Internal,
+    OutOfRange,
+    DataLoss,
+    ResourceExhausted,
+    Canceled,
+    DeadlineExceeded,
+    Unauthorized,
+)
+_BY_CODE: dict[grpc.StatusCode, type[PycdError]] = {}
 
 
 def from_status(code: grpc.StatusCode, details: str | None) -> PycdError:
     """Map a gRPC status back to the domain error a server raised."""
+    if not _BY_CODE:
+        _BY_CODE.update((c.code, c) for c in _CLASSES)
     cls = _BY_CODE.get(code, PycdError)
     message = details or ""
     suffix = ": " + cls.text
@@ -169,6 +187,6 @@ def from_status(code: grpc.StatusCode, details: str | None) -> PycdError:
 
 def from_rpc_error(exc: grpc.RpcError) -> PycdError:
     """Convert a raised ``grpc.RpcError`` (sync or aio) into a domain error."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    code = exc.code() if hasattr(exc, "code") else PycdError.code
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return from_status(code, details)

@@ -8,17 +8,22 @@ exit with the process's own code.
 
 from __future__ import annotations
 
-import asyncio
+import os
 import sys
+from typing import TYPE_CHECKING
 
-from pycontainerd.cli.commands import build_parser
-from pycontainerd.cli.state import Settings, describe
+from pycontainerd.cli.commands import DEFAULT_ADDRESS, build_parser
 from pycontainerd.errdefs import PycdError, Unavailable
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["build_parser", "main"]
 
 
 def _one_line(exc: BaseException, address: str) -> str:
+    from pycontainerd.cli.state import describe
+
     text = describe(exc)
     if isinstance(exc, Unavailable) and "connect" in text and "pull" not in text:
         return f"cannot reach the daemon at {address}: {text}"
@@ -32,8 +37,32 @@ def _not_found_command(text: str) -> bool:
     )
 
 
+def _quick_pull(args: argparse.Namespace) -> int | None:
+    """``pcd pull`` through the daemon's Pull service without loading the SDK; None when
+    the SDK must do it."""
+    from pycontainerd.cli.quickpull import quick_pull
+
+    address = args.address or os.environ.get("PCD_ADDRESS") or DEFAULT_ADDRESS
+    namespace = args.namespace or os.environ.get("PCD_NAMESPACE") or "default"
+    try:
+        return quick_pull(address, namespace, args)
+    except KeyboardInterrupt:
+        return 130
+    except (PycdError, OSError) as exc:
+        print(f"pcd: {_one_line(exc, address)}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quick_pull", False):
+        code = _quick_pull(args)
+        if code is not None:
+            return code
+    import asyncio
+
+    from pycontainerd.cli.state import Settings
+
     settings = Settings.from_env(args.address, args.namespace, args.data_root, args.exec_root)
     try:
         return int(asyncio.run(args.func(settings, args)))

@@ -16,8 +16,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pycontainerd.cli.state import Settings
 
-__all__ = ["DEFAULT_RUNTIME", "build_parser", "registry_options"]
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_RUNTIME",
+    "build_parser",
+    "registry_options",
+    "registry_settings",
+]
 
+DEFAULT_ADDRESS = "/run/pycontainerd/pycontainerd.sock"
 DEFAULT_RUNTIME = "io.containerd.pyrunc.v1"
 
 Command = Callable[["Settings", argparse.Namespace], Awaitable[int]]
@@ -51,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     _images(sub)
     _system(sub)
     return p
+
+
+def registry_settings(args: argparse.Namespace, host: str) -> dict[str, Any]:
+    """How to reach registry ``host`` by the flags (and ``PCD_INSECURE_REGISTRIES``):
+    the fields of a ``RegistryHost``."""
+    insecure = set(args.insecure_registry)
+    insecure.update(h for h in os.environ.get("PCD_INSECURE_REGISTRIES", "").split(",") if h)
+    return {
+        "insecure": host in insecure,
+        "ca_file": args.ca_file,
+        "username": args.username,
+        "password": args.password,
+    }
 
 
 def registry_options() -> argparse.ArgumentParser:
@@ -146,7 +166,7 @@ def _images(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     reg = registry_options()
     p = sub.add_parser("pull", help="pull an image from a registry", parents=[reg])
     p.add_argument("reference")
-    p.set_defaults(func=_cmd("images", "cmd_pull"))
+    p.set_defaults(func=_cmd("images", "cmd_pull"), quick_pull=True)
     p = sub.add_parser("push", help="push an image to a registry", parents=[reg])
     p.add_argument("image")
     p.add_argument("target", nargs="?", help="push under this reference (default: its name)")
@@ -187,7 +207,7 @@ def _images(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("image" if verb == "push" else "reference")
         if verb == "push":
             p.add_argument("target", nargs="?")
-        p.set_defaults(func=fn)
+        p.set_defaults(func=fn, quick_pull=verb == "pull")
 
 
 def _rm_args(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from pycontainerd.cli.commands import registry_settings
 from pycontainerd.cli.progress import ProgressDisplay
 from pycontainerd.cli.state import describe, find_image, list_rows
 from pycontainerd.cli.tables import ago, human_size, print_table
@@ -34,15 +35,7 @@ __all__ = ["cmd_pull", "cmd_push", "make_registry", "pull_image"]
 
 
 def make_registry(args: argparse.Namespace, host: str) -> Registry:
-    insecure = set(args.insecure_registry)
-    insecure.update(h for h in os.environ.get("PCD_INSECURE_REGISTRIES", "").split(",") if h)
-    cfg = RegistryHost(
-        insecure=host in insecure,
-        ca_file=args.ca_file,
-        username=args.username,
-        password=args.password,
-    )
-    return Registry({host: cfg})
+    return Registry({host: RegistryHost(**registry_settings(args, host))})
 
 
 async def pull_image(client: Client, args: argparse.Namespace, name: str) -> Image:

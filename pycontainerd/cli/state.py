@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pycontainerd.cli.commands import DEFAULT_ADDRESS
 from pycontainerd.client._client import timestamp_to_datetime
 from pycontainerd.client._sdk import Client
 from pycontainerd.client.reference import normalize
@@ -50,7 +51,6 @@ __all__ = [
     "update_labels",
 ]
 
-DEFAULT_ADDRESS = "/run/pycontainerd/pycontainerd.sock"
 DEFAULT_DATA_ROOT = "/var/lib/pcd"
 DEFAULT_EXEC_ROOT = "/run/pcd"
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
@@ -11,6 +12,7 @@ from pycontainerd.cli.progress import ProgressDisplay
 from pycontainerd.client import Progress
 from tests.cli.conftest import IMAGE
 from tests.client.registry_support import RegistryServer
+from tests.support.containerd import CONTAINERD, Containerd
 
 if TYPE_CHECKING:
     import io
@@ -104,3 +106,29 @@ def _feed(display: ProgressDisplay | io.TextIOBase) -> None:
     for n in range(1, 5):
         display(Progress("bytes", digest, n * 500_000, 2_000_000))
     display(Progress("done", digest, 2_000_000, 2_000_000))
+
+
+def test_pull_through_the_pull_service_or_the_sdk(pcd: Pcd, registry: RegistryServer) -> None:
+    """Against our daemon ``pcd pull`` is one call of its Pull service on a bare HTTP/2
+    connection (cli/quickpull.py); against a daemon without it (containerd answers
+    UNIMPLEMENTED) the same command pulls through the SDK, client-side."""
+    remote = f"{registry.host}/cli/busybox:both"
+    insecure = ["--insecure-registry", registry.host]
+    pcd.ok("push", *insecure, IMAGE, remote)
+    pcd.ok("rmi", IMAGE)
+    res = pcd("pull", *insecure, remote)
+    assert res.returncode == 0 and res.stdout.strip() == remote, res.stderr
+    assert f"Pulled {remote} (sha256:" in res.stderr
+    if CONTAINERD is None:
+        pytest.skip("containerd is not installed: the SDK fallback is not exercised")
+    real = Containerd().start()
+    try:
+        argv = pcd.argv("pull", *insecure, remote)
+        argv[argv.index("-a") + 1] = real.address
+        env = dict(pcd.env, PCD_ADDRESS=real.address)
+        res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0 and res.stdout.strip() == remote, res.stderr
+        listed = real.ctr("images", "ls", "-q", namespace=pcd.namespace).stdout.split()
+        assert remote in listed
+    finally:
+        real.cleanup()
