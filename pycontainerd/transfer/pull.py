@@ -49,6 +49,7 @@ __all__ = ["DaemonPull"]
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 16
+PROGRESS_BYTES = 2 << 20  # bytes between two byte counts of one blob
 
 
 def _unpackable(media_type: str) -> bool:
@@ -150,13 +151,16 @@ class _Run:
                 return False  # resumed or shared: the SDK continues it
             report(Progress("start", desc.digest, 0, desc.size))
             unpack = self._unpack and _unpackable(desc.media_type)
-            offset = 0
+            offset = reported = 0
             async for chunk in self._registry.fetch_blob(ref, desc, 0):
                 if unpack and offset == 0:
                     spec = await self._stager.speculate(chunk, w.data_path, wanted=True)
                 await w.write_at(offset, chunk)
                 offset += len(chunk)
-                report(Progress("bytes", desc.digest, offset, desc.size))
+                if offset - reported >= PROGRESS_BYTES:  # (the socket gives ~256 KiB at a time)
+                    reported = offset
+                    report(Progress("bytes", desc.digest, offset, desc.size))
+            report(Progress("bytes", desc.digest, offset, desc.size))
             try:
                 digest = await w.commit(desc.size, desc.digest)
             except AlreadyExists:
