@@ -47,11 +47,20 @@ if TYPE_CHECKING:
 
     from pycontainerd.client.reference import Reference
 
-__all__ = ["Registry", "RegistryHost", "Unauthorized"]
+__all__ = ["BlobGet", "Registry", "RegistryHost", "Unauthorized"]
 
 ACCEPT_MANIFESTS = ", ".join([MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST])
 MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True, slots=True)
+class BlobGet:
+    """A blob's GET, ready to be made by a blocking client (see ``Registry.blob_get``)."""
+
+    url: str
+    headers: dict[str, str]
+    tls: ssl.SSLContext | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +271,20 @@ class Registry:
                     continue
                 chunk, skip = chunk[skip:], 0
             yield chunk
+
+    async def blob_get(self, ref: Reference, desc: Descriptor) -> BlobGet:
+        """How to GET a blob from another thread (:func:`get_blob_blocking`): its URL
+        and headers, authentication settled first with a HEAD (which also fails the
+        way :meth:`fetch_blob` would for a missing blob)."""
+        path = f"/v2/{ref.repository}/blobs/{desc.digest}"
+        resp = await self.request(ref, "HEAD", path)
+        if resp.status not in (200, 206, 301, 302, 303, 307, 308):
+            raise await self._fail(resp, f"blob {desc.digest}")
+        await resp.aclose()
+        url = urljoin(self.base_url(ref.host) + "/", path)
+        headers = {"Authorization": self._auth[ref.host]} if ref.host in self._auth else {}
+        tls = None if self.config(ref.host).insecure else self._client(ref.host).ssl_context
+        return BlobGet(url, headers, tls)
 
     # ------------------------------------------------------------------ push side
 

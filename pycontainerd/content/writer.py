@@ -94,6 +94,13 @@ class ContentWriter:
         """An ingest of its own with no bytes yet."""
         return self._w is not None and not self._done and self._w.offset == 0
 
+    def append_sync(self, data: bytes | memoryview) -> None:
+        """Append ``data`` from a worker thread, hashing and writing it there; for a
+        ``fresh`` writer all of whose bytes go through here. Blocking."""
+        if self._w is None or self._done:
+            raise FailedPrecondition(f"writer {self.ref!r} cannot append")
+        self._w.write(data)
+
     async def _unshare(self, offset: int, data: bytes) -> None:
         # A shared ingest becomes a real one only when bytes arrive: copy the shared blob
         # first if they continue it, start empty if they restart it.

@@ -18,6 +18,7 @@ namespace, or not a layer media type takes the SDK's ordinary path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 from pycontainerd import namespaces
 from pycontainerd.archive import UnsupportedMediaType, compression_for_media_type
 from pycontainerd.client._sdk import Client
+from pycontainerd.client.blocking import Cancel, NotStarted, get_blob_blocking
 from pycontainerd.client.oci import Platform
 from pycontainerd.client.pull import Progress, pull
 from pycontainerd.client.registry import Registry, RegistryHost
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from pycontainerd.client.pull import ProgressFn
     from pycontainerd.client.reference import Reference
     from pycontainerd.content.metadata import NamespacedContentStore
+    from pycontainerd.content.writer import ContentWriter
     from pycontainerd.transfer.staging import Speculation, Stager
 
 __all__ = ["DaemonPull"]
@@ -150,23 +153,19 @@ class _Run:
             if not w.fresh:
                 return False  # resumed or shared: the SDK continues it
             report(Progress("start", desc.digest, 0, desc.size))
-            unpack = self._unpack and _unpackable(desc.media_type)
-            offset = reported = 0
-            async for chunk in self._registry.fetch_blob(ref, desc, 0):
-                if unpack and offset == 0:
-                    spec = await self._stager.speculate(chunk, w.data_path, wanted=True)
-                await w.write_at(offset, chunk)
-                offset += len(chunk)
-                if offset - reported >= PROGRESS_BYTES:  # (the socket gives ~256 KiB at a time)
-                    reported = offset
-                    report(Progress("bytes", desc.digest, offset, desc.size))
-            report(Progress("bytes", desc.digest, offset, desc.size))
+            if self._unpack and _unpackable(desc.media_type):
+                spec = await self._stager.speculate(b"", w.data_path, wanted=True)
+            try:
+                size = await self._fetch_blocking(ref, desc, w, report)
+            except NotStarted:
+                size = await self._fetch_async(ref, desc, w, report)
+            report(Progress("bytes", desc.digest, size, desc.size))
             try:
                 digest = await w.commit(desc.size, desc.digest)
             except AlreadyExists:
                 digest = desc.digest  # committed meanwhile (another pull): the same bytes
             if spec is not None:
-                spec.finish(digest, offset)
+                spec.finish(digest, size)
                 spec = None
                 self._staged.add(digest)
             report(Progress("done", desc.digest, desc.size, desc.size))
@@ -175,6 +174,45 @@ class _Run:
             if spec is not None:
                 spec.cancel()
             await w.close()
+
+    async def _fetch_blocking(
+        self, ref: Reference, desc: Descriptor, w: ContentWriter, report: ProgressFn
+    ) -> int:
+        """The body read, hashed and written by a worker thread (client.blocking)."""
+        get = await self._registry.blob_get(ref, desc)
+        loop = asyncio.get_running_loop()
+        done = reported = 0
+
+        def sink(view: memoryview) -> None:
+            nonlocal done, reported
+            w.append_sync(view)
+            done += len(view)
+            if done - reported >= PROGRESS_BYTES:
+                reported = done
+                loop.call_soon_threadsafe(report, Progress("bytes", desc.digest, done, desc.size))
+
+        cancel = Cancel()
+        work = asyncio.ensure_future(asyncio.to_thread(get_blob_blocking, get, sink, cancel))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread stops at its next read; the ingest keeps what it wrote
+            with contextlib.suppress(BaseException):
+                await work
+            raise
+
+    async def _fetch_async(
+        self, ref: Reference, desc: Descriptor, w: ContentWriter, report: ProgressFn
+    ) -> int:
+        """The body through the asyncio client (which words every failure)."""
+        offset = reported = 0
+        async for chunk in self._registry.fetch_blob(ref, desc, 0):
+            await w.write_at(offset, chunk)
+            offset += len(chunk)
+            if offset - reported >= PROGRESS_BYTES:
+                reported = offset
+                report(Progress("bytes", desc.digest, offset, desc.size))
+        return offset
 
     async def apply(self, desc: Descriptor, mounts: Sequence[mount_pb2.Mount]) -> str | None:
         if desc.digest not in self._staged:

@@ -307,7 +307,7 @@ class Stager:
         under way (``wanted``: a pull that knows it is a layer: no limits). Unasked, it
         stops past ``MAX_RATIO`` times the blob's declared ``total`` (at least
         ``MIN_LIMIT``) of uncompressed bytes. None when not started."""
-        if data_path is None or not looks_like_layer(first):
+        if data_path is None or not (wanted or looks_like_layer(first)):
             return None
         if not wanted and (not self.speculative or self._speculating >= self.MAX_SPECULATING):
             return None
