@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pycontainerd.transfer.staging import Stager, looks_like_layer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 
@@ -44,6 +45,15 @@ async def _write_slowly(path: Path, blob: bytes, piece: int = 4096) -> None:
             await asyncio.sleep(0.001)
     finally:
         os.close(fd)
+
+
+async def _eventually(check: Callable[[], bool], within: float = 10.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def test_unpacks_a_growing_file_and_moves_it_in(tmp_path: Path) -> None:
@@ -77,8 +87,8 @@ async def test_a_bomb_stops_at_the_limit(tmp_path: Path) -> None:
     assert spec is not None
     spec.finish("sha256:" + "cd" * 32, len(blob))
     assert await stager.take("sha256:" + "cd" * 32) is None
-    await asyncio.sleep(0.2)  # the discard runs in a thread
-    assert list((tmp_path / "staging").iterdir()) == []
+    # The discard runs in a thread.
+    assert await _eventually(lambda: list((tmp_path / "staging").iterdir()) == [])
     await stager.close()
 
 
@@ -96,8 +106,7 @@ async def test_cancel_and_a_dead_helper(tmp_path: Path) -> None:
     assert helper is not None
     helper.proc.kill()
     helper.proc.wait()
-    await asyncio.sleep(0.1)  # the daemon side sees the socket close
-    assert not helper.alive
+    assert await _eventually(lambda: not helper.alive)  # it sees the socket close
     # A new helper takes over for the next blob.
     data.write_bytes(blob)
     spec = await stager.speculate(blob[:100], data, len(blob))
