@@ -1,1 +1,2 @@
-"""Moving images between registries and the daemon: its own pull (``Pull`` service)."""
+"""Images into the daemon: its own pull (the ``Pull`` service, :mod:`.pull`), and layers
+unpacked while their blobs arrive (:mod:`.staging`, with the :mod:`.unpacker` process)."""
