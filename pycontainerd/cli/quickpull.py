@@ -29,6 +29,24 @@ from pycontainerd.cli.commands import registry_settings
 from pycontainerd.cli.progress import ProgressDisplay
 from pycontainerd.client.reference import parse
 from pycontainerd.errdefs import InvalidArgument, PycdError
+from pycontainerd.grpc.h2wire import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+    hpack_literal,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -36,9 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["quick_pull"]
 
 PATH = b"/pycontainerd.services.pull.v1.Pull/Pull"
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _HEADERS, _RST, _SETTINGS, _PING, _GOAWAY, _WINDOW, _CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
-_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _WINDOW_SIZE = 1 << 24
 _MAX_FRAME = 16384
 _UNIMPLEMENTED = 12
@@ -48,32 +63,6 @@ _STATIC = {8: (b":status", b"200"), 31: (b"content-type", b"")}
 
 class _Fallback(Exception):
     """Something this client does not handle: pull through the SDK instead."""
-
-
-def _frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes((ftype, flags))
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
-def _hpack_int(value: int, bits: int, first: int = 0) -> bytes:
-    limit = (1 << bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
 
 
 def _decode_headers(block: bytes) -> dict[bytes, bytes]:
@@ -130,7 +119,7 @@ class _Call:
             self.sock.close()
             raise _Fallback(str(exc)) from None
         headers = b"".join(
-            _literal(k, v)
+            hpack_literal(k, v)
             for k, v in (
                 (b":method", b"POST"), (b":scheme", b"http"), (b":path", PATH),
                 (b":authority", b"localhost"), (b"content-type", b"application/grpc"),
@@ -139,14 +128,14 @@ class _Call:
         )  # fmt: skip
         message = b"\x00" + struct.pack(">I", len(request)) + request
         out = [
-            _PREFACE,
-            _frame(_SETTINGS, 0, 0, struct.pack(">HIHI", 2, 0, 4, _WINDOW_SIZE)),
-            _frame(_WINDOW, 0, 0, struct.pack(">I", _WINDOW_SIZE - 65535)),
-            _frame(_HEADERS, _END_HEADERS, 1, headers),
+            PREFACE,
+            frame(SETTINGS, 0, 0, struct.pack(">HIHI", 2, 0, 4, _WINDOW_SIZE)),
+            frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", _WINDOW_SIZE - 65535)),
+            frame(HEADERS, END_HEADERS, 1, headers),
         ]
         for i in range(0, len(message), _MAX_FRAME):
             last = i + _MAX_FRAME >= len(message)
-            out.append(_frame(_DATA, _END_STREAM if last else 0, 1, message[i : i + _MAX_FRAME]))
+            out.append(frame(DATA, END_STREAM if last else 0, 1, message[i : i + _MAX_FRAME]))
         self.sock.sendall(b"".join(out))
         self._buf = bytearray()
         self._data = bytearray()
@@ -174,29 +163,31 @@ class _Call:
             ftype, flags = head[3], head[4]
             stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
             payload = self._read(length)
-            if ftype in (_DATA, _HEADERS) and flags & _PADDED:
+            if ftype in (DATA, HEADERS) and flags & PADDED:
                 payload = payload[1 : len(payload) - payload[0]]
-            if ftype == _SETTINGS and not flags & _ACK:
-                self.sock.sendall(_frame(_SETTINGS, _ACK, 0))
-            elif ftype == _PING and not flags & _ACK:
-                self.sock.sendall(_frame(_PING, _ACK, 0, payload))
-            elif ftype in (_GOAWAY, _RST):
+            if ftype == SETTINGS and not flags & ACK:
+                self.sock.sendall(frame(SETTINGS, ACK, 0))
+            elif ftype == PING and not flags & ACK:
+                self.sock.sendall(frame(PING, ACK, 0, payload))
+            elif ftype in (GOAWAY, RST_STREAM):
                 raise _Fallback("the daemon ended the call")
-            elif ftype == _DATA and stream == 1:
+            elif ftype == DATA and stream == 1:
                 self._data += payload
                 self._credit += length
                 if self._credit >= _WINDOW_SIZE // 2:
                     inc = struct.pack(">I", self._credit)
-                    self.sock.sendall(_frame(_WINDOW, 0, 0, inc) + _frame(_WINDOW, 0, 1, inc))
+                    self.sock.sendall(
+                        frame(WINDOW_UPDATE, 0, 0, inc) + frame(WINDOW_UPDATE, 0, 1, inc)
+                    )
                     self._credit = 0
                 found = self._split()
                 if found:
                     return found, None
-            elif ftype in (_HEADERS, _CONTINUATION) and stream == 1:
-                if ftype == _HEADERS and flags & _PRIORITY:
+            elif ftype in (HEADERS, CONTINUATION) and stream == 1:
+                if ftype == HEADERS and flags & PRIORITY_FLAG:
                     payload = payload[5:]
                 self._block += payload
-                if flags & _END_HEADERS:
+                if flags & END_HEADERS:
                     headers = _decode_headers(bytes(self._block))
                     self._block.clear()
                     if b"grpc-status" in headers:

@@ -23,13 +23,30 @@ from typing import ClassVar
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
+from pycontainerd.grpc.h2wire import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    FRAME,
+    GOAWAY,
+    HEADERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+    frame_header,
+)
+
 log = logging.getLogger(__name__)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 5, 6, 7, 8
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 9, 11
@@ -45,40 +62,11 @@ MAX_HEADER_LIST = 1 << 20
 CONNECTION_CREDIT_BATCH = 1 << 20
 _MAX_WINDOW = (1 << 31) - 1
 
-_FRAME = struct.Struct(">BHBBL")  # 24-bit length as byte + short, type, flags, stream id
 _SETTING = struct.Struct(">HL")
 _U32 = struct.Struct(">L")
 
 
-def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload
-
-
-def frame_header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
-    return _FRAME.pack(length >> 16, length & 0xFFFF, ftype, flags, stream_id)
-
-
 # -- HPACK -----------------------------------------------------------------------------
-
-
-def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    """Encode an HPACK integer with an N-bit prefix; ``first`` holds the pattern bits."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def hpack_literal(name: bytes, value: bytes) -> bytes:
-    """A header as "literal without indexing, new name", no Huffman: stateless to emit."""
-    return b"\x00" + hpack_int(len(name), 7) + name + hpack_int(len(value), 7) + value
 
 
 # Index 0 is unused so that an HPACK index maps straight onto this tuple.
@@ -371,7 +359,7 @@ class H2Connection(asyncio.Protocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
             self._preface = True
             pos = 24
-        unpack = _FRAME.unpack_from
+        unpack = FRAME.unpack_from
         while n - pos >= 9:
             hi, lo, ftype, flags, sid = unpack(buf, pos)
             length = hi << 16 | lo

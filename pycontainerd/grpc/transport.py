@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from pycontainerd.grpc.http2 import PROTOCOL_ERROR, H2Connection, H2Stream, hpack_literal
+from pycontainerd.grpc.h2wire import hpack_literal
+from pycontainerd.grpc.http2 import PROTOCOL_ERROR, H2Connection, H2Stream
 
 if TYPE_CHECKING:
     import ssl

@@ -18,8 +18,9 @@ import grpc
 import hpack
 import pytest
 
-from pycontainerd.grpc import http2
-from pycontainerd.grpc.http2 import HpackDecoder, HpackError, hpack_int, hpack_literal
+from pycontainerd.grpc import h2wire
+from pycontainerd.grpc.h2wire import hpack_int, hpack_literal
+from pycontainerd.grpc.http2 import HpackDecoder, HpackError
 from pycontainerd.grpc.transport import RESPONSE_HEADERS, Server
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class Client:
         self.credit: dict[int, int] = {}  # WINDOW_UPDATE increments received, per stream
 
     @classmethod
-    async def connect(cls, path: str, preface: bytes = http2.PREFACE) -> Client:
+    async def connect(cls, path: str, preface: bytes = h2wire.PREFACE) -> Client:
         reader, writer = await asyncio.open_unix_connection(path)
         c = cls(reader, writer)
         _open.append(c)
@@ -338,7 +339,7 @@ async def test_unknown_frame_types_are_ignored(server: tuple[str, Behaviours]) -
     ("name", "wire", "code"),
     [
         ("bad preface", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1),
-        ("first frame not SETTINGS", http2.PREFACE + frame(PING, 0, 0, b"12345678"), 1),
+        ("first frame not SETTINGS", h2wire.PREFACE + frame(PING, 0, 0, b"12345678"), 1),
         ("DATA on stream 0", frame(SETTINGS, 0, 0) + frame(DATA, 0, 0, b"x"), 1),
         ("HEADERS on stream 0", frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS, 0, b""), 1),
         ("even stream id", frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS, 2, b"\x83"), 1),
@@ -370,7 +371,7 @@ async def test_protocol_errors_close_only_that_connection(
     path, _ = server
     good = await Client.connect(path)
     good.settings()
-    preface = b"" if name == "bad preface" or wire.startswith(http2.PREFACE) else http2.PREFACE
+    preface = b"" if name == "bad preface" or wire.startswith(h2wire.PREFACE) else h2wire.PREFACE
     bad = await Client.connect(path, preface=preface)
     bad.raw(wire)
     assert await bad.goaway() == code, name

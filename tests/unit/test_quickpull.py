@@ -15,25 +15,11 @@ import pytest
 from pycontainerd.api.services.pull.v1 import pull_pb2
 from pycontainerd.cli import quickpull
 from pycontainerd.errdefs import NotFound
+from pycontainerd.grpc.h2wire import PREFACE, frame, hpack_literal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes((ftype, flags))
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
-def literal(name: bytes, value: bytes) -> bytes:
-    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
 
 
 def grpc_message(msg: pull_pb2.PullProgress) -> bytes:
@@ -115,10 +101,10 @@ def test_progress_image_and_trailers(server, capsys: pytest.CaptureFixture[str])
     reply = (
         frame(4, 0, 0)  # SETTINGS
         + frame(6, 0, 0, b"12345678")  # PING: answered
-        + frame(1, 4, 1, b"\x88" + literal(b"content-type", b"application/grpc"))
+        + frame(1, 4, 1, b"\x88" + hpack_literal(b"content-type", b"application/grpc"))
         + frame(0, 0x8, 1, padded)
         + frame(0, 0, 1, body[7:])
-        + frame(1, 5, 1, literal(b"grpc-status", b"0"))
+        + frame(1, 5, 1, hpack_literal(b"grpc-status", b"0"))
     )
     path, seen = server(reply)
     assert quickpull.quick_pull(path, "ns1", args()) == 0
@@ -142,13 +128,15 @@ def test_progress_image_and_trailers(server, capsys: pytest.CaptureFixture[str])
 
 def test_errors_and_fallbacks(server) -> None:
     # A failure of the pull: the daemon's error, worded as the SDK path words it.
-    trailers = literal(b"grpc-status", b"5") + literal(b"grpc-message", b"manifest%20x: not found")
+    trailers = hpack_literal(b"grpc-status", b"5") + hpack_literal(
+        b"grpc-message", b"manifest%20x: not found"
+    )
     path, _ = server(frame(4, 0, 0) + frame(1, 5, 1, b"\x88" + trailers))
     with pytest.raises(NotFound) as err:
         quickpull.quick_pull(path, "ns", args())
     assert str(err.value) == "pull 127.0.0.1:5000/a/b:1: manifest x: not found"
     # No Pull service (a trailers-only answer, as grpc-go writes it): back to the SDK.
-    path, _ = server(frame(4, 0, 0) + frame(1, 5, 1, literal(b"grpc-status", b"12")))
+    path, _ = server(frame(4, 0, 0) + frame(1, 5, 1, hpack_literal(b"grpc-status", b"12")))
     assert quickpull.quick_pull(path, "ns", args()) is None
     # A Huffman-coded header block: back to the SDK, nothing shown.
     path, _ = server(frame(4, 0, 0) + frame(1, 5, 1, b"\x00\x81\xff\x01a"))
