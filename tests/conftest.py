@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pycontainerd.namespaces import current_lease, current_namespace
+from tests.client.registry_support import registry
 from tests.support.daemon import Daemon
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+__all__ = ["registry"]  # a fixture for every test folder that needs a registry
 
 TEST_CONFIG = 'version = 2\nplugin_modules = ["tests.support.pcd_test_plugins"]\n'
 

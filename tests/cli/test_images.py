@@ -11,24 +11,16 @@ import pytest
 from pycontainerd.cli.progress import ProgressDisplay
 from pycontainerd.client import Progress
 from tests.cli.conftest import IMAGE
-from tests.client.registry_support import RegistryServer
 from tests.support.containerd import CONTAINERD, Containerd
 
 if TYPE_CHECKING:
     import io
-    from collections.abc import Iterator
     from pathlib import Path
 
     from tests.cli.conftest import Pcd
+    from tests.client.registry_support import RegistryServer
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def registry() -> Iterator[RegistryServer]:
-    r = RegistryServer().start()
-    yield r
-    r.cleanup()
 
 
 def _digest(pcd: Pcd, name: str) -> str:

@@ -16,8 +16,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from pycontainerd.client.oci import Descriptor
+from pycontainerd.client.reference import parse
+from pycontainerd.client.registry import Registry, RegistryHost
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    from tests.support.images import Image
 
 REGISTRY = shutil.which("docker-registry")
 SKOPEO = shutil.which("skopeo")
@@ -120,3 +130,32 @@ class RegistryServer:
     def cleanup(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def registry() -> Iterator[RegistryServer]:
+    """A plain-HTTP registry on 127.0.0.1 for one test (tests/conftest.py offers it)."""
+    r = RegistryServer().start()
+    yield r
+    r.cleanup()
+
+
+def plain(r: RegistryServer) -> Registry:
+    """A registry client that speaks plain HTTP to ``r``."""
+    return Registry({r.host: RegistryHost(insecure=True)})
+
+
+async def seed(reg: Registry, ref: str, image: Image) -> None:
+    """Upload an image's blobs and manifest with the registry client alone."""
+    r = parse(ref)
+    for digest, data in image.blobs().items():
+        if data == image.manifest_bytes:
+            continue
+        desc = Descriptor("application/octet-stream", digest, len(data))
+
+        async def source(data: bytes = data) -> AsyncIterator[bytes]:
+            for i in range(0, len(data), 1 << 20):
+                yield data[i : i + (1 << 20)]
+
+        await reg.upload_blob(r, desc, source)
+    await reg.put_manifest(r, r.object, image.manifest_media_type, image.manifest_bytes)

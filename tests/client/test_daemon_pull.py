@@ -26,15 +26,13 @@ from pycontainerd.errdefs import (
     Unimplemented,
 )
 from tests.client.conftest import unique_ns
-from tests.client.registry_support import RegistryServer
-from tests.client.test_registry import plain, seed
+from tests.client.registry_support import RegistryServer, plain, seed
 from tests.support.containerd import Containerd
 from tests.support.ctr_images import mounted_listing
 from tests.support.fs_listing import diff_trees
 from tests.support.images import Image, Layer, expected_tree, feature_image, sha256_digest
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     from pycontainerd.client import Client
@@ -42,13 +40,6 @@ if TYPE_CHECKING:
     from tests.support.daemon import Daemon
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def registry() -> Iterator[RegistryServer]:
-    r = RegistryServer().start()
-    yield r
-    r.cleanup()
 
 
 def implied_parents_image() -> Image:

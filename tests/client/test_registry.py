@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pycontainerd.api.services.snapshots.v1 import snapshots_pb2
-from pycontainerd.client.oci import Descriptor, Platform
+from pycontainerd.client.oci import Platform
 from pycontainerd.client.oci import host_platform as sdk_host_platform
 from pycontainerd.client.pull import PULL_LABEL
-from pycontainerd.client.reference import parse
 from pycontainerd.client.registry import Registry, RegistryHost, Unauthorized
 from pycontainerd.errdefs import InvalidArgument, NotFound, Unavailable
 from tests.client.conftest import unique_ns
-from tests.client.registry_support import SKOPEO, RegistryServer
+from tests.client.registry_support import SKOPEO, RegistryServer, plain, seed
 from tests.support.images import (
     Image,
     Layer,
@@ -33,7 +32,7 @@ from tests.support.images import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
     from pathlib import Path
 
     from pycontainerd.client import Client
@@ -43,21 +42,10 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def registry() -> Iterator[RegistryServer]:
-    r = RegistryServer().start()
-    yield r
-    r.cleanup()
-
-
-@pytest.fixture
 def secure_registry() -> Iterator[RegistryServer]:
     r = RegistryServer(tls=True, users={"alice": "s3cret"}).start()
     yield r
     r.cleanup()
-
-
-def plain(r: RegistryServer) -> Registry:
-    return Registry({r.host: RegistryHost(insecure=True)})
 
 
 async def committed(client: Client, key: str) -> bool:
@@ -145,22 +133,6 @@ async def test_multi_platform_index_pulls_host_platform(
 
 def _host() -> Platform:
     return sdk_host_platform()
-
-
-async def seed(reg: Registry, ref: str, image: Image) -> None:
-    """Upload an image's blobs and manifest with the registry client alone."""
-    r = parse(ref)
-    for digest, data in image.blobs().items():
-        if data == image.manifest_bytes:
-            continue
-        desc = Descriptor("application/octet-stream", digest, len(data))
-
-        async def source(data: bytes = data) -> AsyncIterator[bytes]:
-            for i in range(0, len(data), 1 << 20):
-                yield data[i : i + (1 << 20)]
-
-        await reg.upload_blob(r, desc, source)
-    await reg.put_manifest(r, r.object, image.manifest_media_type, image.manifest_bytes)
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,14 @@ import pytest
 
 from pycontainerd.api.cri.runtime.v1 import api_pb2
 from pycontainerd.client import Client, Registry, RegistryHost
-from tests.client.registry_support import RegistryServer
 from tests.support.tasks import IMAGE, import_busybox
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
+    from tests.client.registry_support import RegistryServer
     from tests.cri.conftest import CRI
     from tests.support.daemon import Daemon
 
 pytestmark = [pytest.mark.root]
-
-
-@pytest.fixture
-def registry() -> Iterator[RegistryServer]:
-    r = RegistryServer().start()
-    yield r
-    r.cleanup()
 
 
 async def test_pull_status_remove(cri: CRI, cri_daemon: Daemon, registry: RegistryServer) -> None:
