@@ -43,6 +43,7 @@ from pycontainerd.cri.store import (
     ContainerStatus,
     WireList,
     container_name,
+    filter_matches,
 )
 from pycontainerd.errdefs import (
     DeadlineExceeded,
@@ -330,16 +331,9 @@ class ContainerService:
         await rt.ready()
 
         def listed(c: CRIContainer, state: int) -> bool:
-            if f is None:
-                return True
-            if f.id and not c.meta.id.startswith(f.id):
+            if f is not None and not c.meta.sandbox_id.startswith(f.pod_sandbox_id):
                 return False
-            if f.pod_sandbox_id and not c.meta.sandbox_id.startswith(f.pod_sandbox_id):
-                return False
-            if f.HasField("state") and state != f.state.state:
-                return False
-            labels = c.meta.config_pb().labels
-            return all(labels.get(k) == v for k, v in f.label_selector.items())
+            return filter_matches(f, c.meta.id, state, lambda: c.meta.config_pb().labels)
 
         def items() -> Iterator[tuple[str, int, bool, Callable[[], api_pb2.Container]]]:
             for c in list(rt.containers.values()):

@@ -42,6 +42,7 @@ from pycontainerd.cri.store import (
     SANDBOX_KIND,
     SandboxMeta,
     WireList,
+    filter_matches,
     mount_shm,
     remove_sandbox_dir,
     sandbox_name,
@@ -353,14 +354,7 @@ class SandboxService:
         await rt.ready()
 
         def listed(sb: Sandbox, state: int) -> bool:
-            if f is None:
-                return True
-            if f.id and not sb.meta.id.startswith(f.id):
-                return False
-            if f.HasField("state") and state != f.state.state:
-                return False
-            labels = sb.meta.config_pb().labels
-            return all(labels.get(k) == v for k, v in f.label_selector.items())
+            return filter_matches(f, sb.meta.id, state, lambda: sb.meta.config_pb().labels)
 
         def items() -> Iterator[tuple[str, int, bool, Callable[[], api_pb2.PodSandbox]]]:
             for sb in list(rt.sandboxes.values()):

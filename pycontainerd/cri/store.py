@@ -35,7 +35,7 @@ from pycontainerd.grpc.transport import Wire, encode_field
 from pycontainerd.snapshots.mount import MNT_DETACH, Mount, unmount_all
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
     from pathlib import Path
 
     from google.protobuf.message import Message
@@ -271,6 +271,25 @@ def reclaim_sandbox_dirs(root: Path, known: set[str]) -> list[str]:
             remove_sandbox_dir(d)
             gone.append(d.name)
     return gone
+
+
+def filter_matches(
+    f: api_pb2.ContainerFilter | api_pb2.PodSandboxFilter | None,
+    item_id: str,
+    state: int,
+    labels: Callable[[], Mapping[str, str]],
+) -> bool:
+    """What the CRI's container and sandbox filters have in common: no filter matches
+    everything; else an id prefix, a state, and a label selector (``labels`` is read
+    only when the cheaper checks pass)."""
+    if f is None:
+        return True
+    if f.id and not item_id.startswith(f.id):
+        return False
+    if f.HasField("state") and state != f.state.state:
+        return False
+    found = labels()
+    return all(found.get(k) == v for k, v in f.label_selector.items())
 
 
 class WireList:
