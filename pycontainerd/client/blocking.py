@@ -3,8 +3,8 @@
 The asyncio stream reader hands a body over in pieces of a few hundred KiB, each copied
 twice on the event loop; a thread reading into one reused buffer and hashing and writing
 each piece itself moves 200 MB in about half the time on this machine, and leaves the
-loop free. Used by the daemon's pull for a fresh ingest (``Registry.blob_get`` first
-settles authentication on the loop).
+loop free. Used by the daemon's pull for a fresh ingest (``Registry.blob_get`` gives
+the URL and the credentials the registry client already settled).
 
 Redirects are followed as the async client does: the credentials go only to the
 registry's own host. A failure before the first byte raises :class:`NotStarted` (the

@@ -272,16 +272,12 @@ class Registry:
                 chunk, skip = chunk[skip:], 0
             yield chunk
 
-    async def blob_get(self, ref: Reference, desc: Descriptor) -> BlobGet:
-        """How to GET a blob from another thread (:func:`get_blob_blocking`): its URL
-        and headers, authentication settled first with a HEAD (which also fails the
-        way :meth:`fetch_blob` would for a missing blob)."""
-        path = f"/v2/{ref.repository}/blobs/{desc.digest}"
-        resp = await self.request(ref, "HEAD", path)
-        if resp.status not in (200, 206, 301, 302, 303, 307, 308):
-            raise await self._fail(resp, f"blob {desc.digest}")
-        await resp.aclose()
-        url = urljoin(self.base_url(ref.host) + "/", path)
+    def blob_get(self, ref: Reference, desc: Descriptor) -> BlobGet:
+        """How to GET a blob from another thread (``client.blocking``): its URL, and the
+        credentials this registry already settled (fetching the manifest did, for the
+        same repository and scope). A GET they do not satisfy fails before its body, and
+        the caller then uses :meth:`fetch_blob`, which authenticates."""
+        url = urljoin(self.base_url(ref.host) + "/", f"/v2/{ref.repository}/blobs/{desc.digest}")
         headers = {"Authorization": self._auth[ref.host]} if ref.host in self._auth else {}
         tls = None if self.config(ref.host).insecure else self._client(ref.host).ssl_context
         return BlobGet(url, headers, tls)

@@ -179,7 +179,7 @@ class _Run:
         self, ref: Reference, desc: Descriptor, w: ContentWriter, report: ProgressFn
     ) -> int:
         """The body read, hashed and written by a worker thread (client.blocking)."""
-        get = await self._registry.blob_get(ref, desc)
+        get = self._registry.blob_get(ref, desc)
         loop = asyncio.get_running_loop()
         done = reported = 0
 
