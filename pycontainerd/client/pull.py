@@ -71,9 +71,9 @@ class Progress:
 
 ProgressFn = Callable[[Progress], None]
 
-# Fetches layer ``index`` of the manifest into the content store another way than by
-# relaying it through the Content service; returns False to leave it to that default.
-LayerFetcher = Callable[["Reference", int, Descriptor, ProgressFn], Awaitable[bool]]
+# Fetches a layer into the content store another way than by relaying it through the
+# Content service; returns False to leave it to that default.
+LayerFetcher = Callable[["Reference", Descriptor, ProgressFn], Awaitable[bool]]
 
 
 def _noop(_: Progress) -> None:
@@ -203,8 +203,7 @@ async def _pull(
     manifest = parse_manifest(manifest_data, manifest_desc.media_type)
     report(Progress("manifest", manifest_desc.digest, 0, manifest_desc.size))
     sem = asyncio.Semaphore(max(1, concurrency))
-    blobs = [("config", -1, manifest.config)]
-    blobs += [("layer", i, d) for i, d in enumerate(manifest.layers)]
+    blobs = [("config", manifest.config)] + [("layer", d) for d in manifest.layers]
     await run_all(
         _fetch(
             client,
@@ -214,9 +213,9 @@ async def _pull(
             desc,
             sem,
             report,
-            None if fetcher is None or i < 0 else (fetcher, i),
+            fetcher if kind == "layer" else None,
         )
-        for kind, i, desc in blobs
+        for kind, desc in blobs
     )
     await gc_child_labels(client.content, manifest_desc)
     if manifest_desc is not root:
@@ -259,10 +258,10 @@ async def _fetch(
     desc: Descriptor,
     sem: asyncio.Semaphore,
     report: Callable[[Progress], None],
-    hook: tuple[LayerFetcher, int] | None = None,
+    fetcher: LayerFetcher | None = None,
 ) -> None:
     async with sem:
-        if hook is not None and await hook[0](ref, hook[1], desc, report):
+        if fetcher is not None and await fetcher(ref, desc, report):
             return
 
         async def source(offset: int) -> AsyncIterator[bytes]:

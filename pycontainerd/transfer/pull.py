@@ -136,7 +136,7 @@ class _Run:
         self._staged: set[str] = set()
         self._seen: set[str] = set()
 
-    async def fetch(self, ref: Reference, index: int, desc: Descriptor, report: ProgressFn) -> bool:
+    async def fetch(self, ref: Reference, desc: Descriptor, report: ProgressFn) -> bool:
         if desc.digest in self._seen:
             return False  # a layer listed twice: the ordinary path waits for the first
         self._seen.add(desc.digest)
