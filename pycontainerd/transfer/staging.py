@@ -289,6 +289,7 @@ class Stager:
         self._speculating = 0
         self._helper: _Helper | None = None
         self._helper_failed = False
+        self._starting = asyncio.Lock()
         self._ready: dict[str, tuple[float, StagedLayer, asyncio.Future[None]]] = {}
 
     def clean(self) -> None:
@@ -341,20 +342,23 @@ class Stager:
         return Speculation(self, helper, job, layer, work)
 
     async def _live_helper(self) -> _Helper | None:
-        if self._helper is not None and self._helper.alive:
-            return self._helper
-        if self._helper_failed:
-            return None
-        loop = asyncio.get_running_loop()
-        try:
-            helper = await asyncio.to_thread(_Helper, loop)
-        except OSError as exc:
-            log.warning("speculative unpacker cannot start: %s", exc)
-            self._helper_failed = True
-            return None
-        helper.attach()
-        self._helper = helper
-        return helper
+        # One at a time: a pull's layers arrive together, and each would start a helper
+        # of its own (all but the last kept alive by their jobs, then left running).
+        async with self._starting:
+            if self._helper is not None and self._helper.alive:
+                return self._helper
+            if self._helper_failed:
+                return None
+            loop = asyncio.get_running_loop()
+            try:
+                helper = await asyncio.to_thread(_Helper, loop)
+            except OSError as exc:
+                log.warning("speculative unpacker cannot start: %s", exc)
+                self._helper_failed = True
+                return None
+            helper.attach()
+            self._helper = helper
+            return helper
 
     def _discard_when_done(self, layer: StagedLayer, work: asyncio.Future[None]) -> None:
         def later(_: object) -> None:

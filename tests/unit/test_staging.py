@@ -1,7 +1,7 @@
 """The stager and its speculative unpacker process, without a daemon: a blob file
 written in pieces is unpacked as it grows, handed over by digest, and moved into an
 empty directory; a decompression bomb, a canceled write and a dead helper leave
-nothing behind."""
+nothing behind; blobs that arrive together share one helper."""
 
 from __future__ import annotations
 
@@ -116,6 +116,27 @@ async def test_cancel_and_a_dead_helper(tmp_path: Path) -> None:
     assert layer is not None and layer.result is not None
     assert stager._helper is not helper
     layer.discard()
+    await stager.close()
+
+
+async def test_blobs_arriving_together_share_one_helper(tmp_path: Path) -> None:
+    stager = Stager(tmp_path / "staging")
+    stager.clean()
+    blob = _layer({"f": b"x" * 1000})
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"ingest-{i}")
+        paths[-1].write_bytes(blob)
+    specs = await asyncio.gather(*(stager.speculate(blob[:100], p, len(blob)) for p in paths))
+    assert all(spec is not None for spec in specs)
+    assert len({spec._helper for spec in specs if spec is not None}) == 1
+    for i, spec in enumerate(specs):
+        assert spec is not None
+        spec.finish(f"sha256:{i:064x}", len(blob))
+    for i in range(3):
+        layer = await stager.take(f"sha256:{i:064x}")
+        assert layer is not None and layer.result is not None
+        layer.discard()
     await stager.close()
 
 
