@@ -8,8 +8,9 @@ images import``) — into a *staging* directory of its own, and Diff.Apply later
 that directory into the fresh snapshot instead of unpacking the blob.
 
 The unpacking runs in a helper process, :mod:`.unpacker`, which reads the ingest's file
-as it grows, at a lower priority: it never competes with the event loop for the
-interpreter lock, and never holds the write up.
+as it grows, on the CPU nobody else wants until Diff.Apply waits for the layer: it
+never competes with the event loop for the interpreter lock, and never holds the write
+up.
 
 A layer unpacked before anyone says which layer of which chain it is, is unpacked in
 overlay form, which needs nothing from the layers below except in two places:
@@ -57,7 +58,7 @@ from pycontainerd.snapshots.mount import option_value
 from pycontainerd.transfer.unpacker import MAX_MESSAGE
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
 
@@ -166,12 +167,20 @@ class _Helper:
         """Watch for answers (on the loop, once the process is started)."""
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
-    def begin(self, path: Path, fd: int, limit: int) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+    def begin(
+        self, path: Path, fd: int, limit: int, hurry: bool = False
+    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
         job_id = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._jobs[job_id] = fut
-        self.send({"op": "begin", "id": job_id, "path": str(path), "limit": limit}, [fd])
+        doc = {"op": "begin", "id": job_id, "path": str(path), "limit": limit, "hurry": hurry}
+        self.send(doc, [fd])
         return job_id, fut
+
+    def hurry(self, job_id: int) -> None:
+        """Someone waits for job ``job_id``: it may no longer run on idle CPU only."""
+        if job_id in self._jobs:
+            self.send({"op": "hurry", "id": job_id})
 
     def send(self, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
         if not self.alive:
@@ -246,7 +255,10 @@ class Speculation:
         if self.active:
             self.active = False
             self._helper.send({"op": "end", "id": self._job, "size": size})
-            self._stager._keep(digest, self._layer, self._work)
+            self._stager._keep(digest, self._layer, self._work, self._hurry)
+
+    def _hurry(self) -> None:
+        self._helper.hurry(self._job)
 
     def cancel(self) -> None:
         if self.active:
@@ -290,7 +302,10 @@ class Stager:
         self._helper: _Helper | None = None
         self._helper_failed = False
         self._starting = asyncio.Lock()
-        self._ready: dict[str, tuple[float, StagedLayer, asyncio.Future[None]]] = {}
+        # By blob digest: when kept, the layer, its unpack's end, and how to hurry it.
+        self._ready: dict[
+            str, tuple[float, StagedLayer, asyncio.Future[None], Callable[[], None]]
+        ] = {}
 
     def clean(self) -> None:
         """Remove what a previous run left (at start-up). Blocking."""
@@ -322,7 +337,8 @@ class Stager:
         layer = self._new()
         limit = 0 if wanted else max(self.MIN_LIMIT, self.MAX_RATIO * total)
         try:
-            job, answer = helper.begin(layer.path, fd, limit)
+            # A layer someone asked for is unpacked at the helper's normal priority.
+            job, answer = helper.begin(layer.path, fd, limit, hurry=wanted)
         finally:
             os.close(fd)
         loop = asyncio.get_running_loop()
@@ -367,16 +383,22 @@ class Stager:
 
         work.add_done_callback(later)
 
-    def _keep(self, digest: str, layer: StagedLayer, work: asyncio.Future[None]) -> None:
+    def _keep(
+        self,
+        digest: str,
+        layer: StagedLayer,
+        work: asyncio.Future[None],
+        hurry: Callable[[], None],
+    ) -> None:
         now = time.monotonic()
-        stale = [d for d, (t, _, _) in self._ready.items() if now - t > self.READY_TTL]
+        stale = [d for d, entry in self._ready.items() if now - entry[0] > self.READY_TTL]
         stale += list(self._ready)[: max(0, len(self._ready) + 1 - self.MAX_READY)]
         if digest in self._ready:
             stale.append(digest)
         for d in dict.fromkeys(stale):
-            _, old, old_work = self._ready.pop(d)
+            _, old, old_work, _ = self._ready.pop(d)
             self._discard_when_done(old, old_work)
-        self._ready[digest] = (now, layer, work)
+        self._ready[digest] = (now, layer, work, hurry)
 
     def staged(self, digest: str) -> bool:
         return digest in self._ready
@@ -409,7 +431,9 @@ class Stager:
         entry = self._ready.pop(digest, None)
         if entry is None:
             return None
-        _, layer, work = entry
+        _, layer, work, hurry = entry
+        if not work.done():
+            hurry()  # the unpack may have had idle CPU only so far
         try:
             await asyncio.wait_for(asyncio.shield(work), self.TAKE_TIMEOUT)
         except TimeoutError:

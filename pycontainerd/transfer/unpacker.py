@@ -12,13 +12,20 @@ blob written through the Content service looks like a layer, and talks to it ove
   the disk;
 - ``{"op": "end", "id": N, "size": S}``: the blob is committed with ``S`` bytes;
   ``{"op": "cancel", "id": N}``. Until the end, the file is read as far as it goes and
-  looked at again every few milliseconds.
+  looked at again every few milliseconds;
+- ``{"op": "hurry", "id": N}``: someone waits for this job (Diff.Apply of the layer):
+  it leaves the idle class (below). ``"hurry": true`` in ``begin`` does so from the start.
 
 It answers each job once: ``{"id": N, "result": {...}}`` (the ``ApplyResult`` fields) or
-``{"id": N, "error": "..."}``. A separate process, at a lower priority, so that this work
-never competes for the daemon's interpreter lock with the event loop answering the very
-client that writes the blobs; it uses the CPU the client and the daemon leave idle. It
-exits when the daemon's end of the socket closes.
+``{"id": N, "error": "..."}``. A separate process, so that this work never competes for
+the daemon's interpreter lock with the event loop answering the very client that writes
+the blobs. Its threads run in the ``SCHED_IDLE`` class: they use only the CPU the client
+and the daemon leave idle. The writes alternate with their replies (ctr waits for each),
+so there is idle CPU in every write; at nice 10 instead, the unpack still took its share
+of the two cores from the client's own hashing and the import was ~10 % slower. A job
+someone waits for moves to ``SCHED_OTHER`` at nice 10, so that a busy machine cannot
+starve it; if the kernel refuses, the job gives up and the daemon applies the blob
+itself. It exits when the daemon's end of the socket closes.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ class _Job:
         self.canceled = False
         self.cond = threading.Condition()
         self.pos = 0
+        self.tid: int | None = None  # the worker thread's, once it runs
+        self.hurried = False
 
     def read(self, n: int = -1, /) -> bytes:
         """The next bytes of the file as it grows; b"" once all ``size`` bytes are read."""
@@ -97,7 +106,29 @@ class _Job:
             self.canceled = self.canceled or cancel
             self.cond.notify_all()
 
+    def hurry(self) -> None:
+        """Someone waits for this job: its thread leaves the idle class."""
+        with self.cond:  # against run() setting the class at the same time
+            self.hurried = True
+            if self.tid is None:
+                return  # run() will not enter the idle class
+            try:
+                os.sched_setscheduler(self.tid, os.SCHED_OTHER, os.sched_param(0))
+            except ProcessLookupError:
+                return  # the job has just ended
+            except OSError:
+                pass
+            else:
+                return
+        self.poke(cancel=True)  # left idle, it could starve: the daemon applies itself
+
     def run(self, answer: Any) -> None:
+        with self.cond:
+            self.tid = threading.get_native_id()
+            if not self.hurried:
+                # Only the CPU nobody else wants (see the module's text); nice 10 if refused.
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         try:
             self.path.mkdir(mode=0o755)
             stream: Any = decompress_stream(self)
@@ -113,12 +144,16 @@ class _Job:
             answer({"id": self.id, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             os.close(self.fd)
+            with self.cond:
+                self.tid = None  # (a later thread may get the number)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(args[0]))
     with contextlib.suppress(OSError):
+        # For every thread; the jobs' threads also enter the idle class unless hurried.
+        # This one stays out of it: it must read a "hurry" on a busy machine.
         os.nice(10)
     jobs: dict[int, _Job] = {}
     send_lock = threading.Lock()
@@ -144,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         if op == "begin" and fds:
             job = _Job(job_id, fds[0], Path(msg["path"]), int(msg.get("limit", 0)))
             jobs[job_id] = job
+            if msg.get("hurry"):
+                job.hurry()
             threading.Thread(target=job.run, args=(answer,), daemon=True).start()
             continue
         for fd in fds:
@@ -155,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             found.poke(size=int(msg["size"]))
         elif op == "cancel":
             found.poke(cancel=True)
+        elif op == "hurry":
+            found.hurry()
     for job in list(jobs.values()):
         job.poke(cancel=True)
     return 0

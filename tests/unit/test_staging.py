@@ -1,11 +1,13 @@
 """The stager and its speculative unpacker process, without a daemon: a blob file
 written in pieces is unpacked as it grows, handed over by digest, and moved into an
 empty directory; a decompression bomb, a canceled write and a dead helper leave
-nothing behind; blobs that arrive together share one helper."""
+nothing behind; blobs that arrive together share one helper; a job runs on idle CPU
+only until someone waits for it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import os
@@ -119,6 +121,16 @@ async def test_cancel_and_a_dead_helper(tmp_path: Path) -> None:
     await stager.close()
 
 
+def _job_policies(pid: int) -> list[int]:
+    """Scheduling policies of the helper's job threads (every thread but its main one)."""
+    policies = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) != pid:
+            with contextlib.suppress(ProcessLookupError):  # a job just ended
+                policies.append(os.sched_getscheduler(int(tid)))
+    return policies
+
+
 async def test_blobs_arriving_together_share_one_helper(tmp_path: Path) -> None:
     stager = Stager(tmp_path / "staging")
     stager.clean()
@@ -137,6 +149,36 @@ async def test_blobs_arriving_together_share_one_helper(tmp_path: Path) -> None:
         layer = await stager.take(f"sha256:{i:064x}")
         assert layer is not None and layer.result is not None
         layer.discard()
+    await stager.close()
+
+
+async def test_a_job_runs_idle_until_hurried(tmp_path: Path) -> None:
+    """Unasked, a job's thread is in the SCHED_IDLE class; ``take`` (Diff.Apply waiting)
+    moves it to SCHED_OTHER, and so does ``wanted`` (the daemon's own pull) from the
+    start."""
+    stager = Stager(tmp_path / "staging")
+    stager.clean()
+    blob = _layer({"f": os.urandom(200_000)})
+    data = tmp_path / "ingest-data"
+    data.write_bytes(blob[:1000])  # the job waits for more
+    spec = await stager.speculate(blob[:1000], data, len(blob))
+    assert spec is not None and stager._helper is not None
+    pid = stager._helper.proc.pid
+    assert await _eventually(lambda: _job_policies(pid) == [os.SCHED_IDLE])
+    spec._hurry()  # what take() does first when the job is still running
+    assert await _eventually(lambda: _job_policies(pid) == [os.SCHED_OTHER])
+    data.write_bytes(blob)
+    spec.finish("sha256:" + "34" * 32, len(blob))
+    layer = await stager.take("sha256:" + "34" * 32)
+    assert layer is not None and layer.result is not None
+    layer.discard()
+
+    wanted = tmp_path / "pulled-data"
+    wanted.write_bytes(blob[:1000])
+    spec = await stager.speculate(blob[:1000], wanted, len(blob), wanted=True)
+    assert spec is not None
+    assert await _eventually(lambda: _job_policies(pid) == [os.SCHED_OTHER])
+    spec.cancel()
     await stager.close()
 
 
