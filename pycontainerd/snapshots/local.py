@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
 import stat
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,6 +149,8 @@ class LocalSnapshotter:
         self._ms = storage.MetaStore(self.root / "metadata.db", synchronous=synchronous)
         # Temp dirs under construction outside the metastore lock; cleanup skips them.
         self._pending: set[str] = set()
+        self._pid = os.getpid()
+        self._names = itertools.count()
         self._pending_lock = threading.Lock()
         self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-reaper")
 
@@ -163,6 +165,19 @@ class LocalSnapshotter:
     def _populate(self, td: Path, kind: Kind, parent_fs: Path | None) -> None:
         """Fill the temporary snapshot directory ``td`` (runs outside the metastore lock)."""
         raise NotImplementedError
+
+    def _new_dir(self) -> Path:
+        """A fresh ``new-*`` directory (mode 0700). Named from a counter, not
+        ``tempfile.mkdtemp``'s random letters: that cost a tenth of a millisecond of the
+        ~4 ms Prepare + Commit + Remove cycle. The pid keeps names apart from a previous
+        run's leftovers; a name taken anyway is skipped."""
+        while True:
+            td = self.snapshots_dir / f"new-{self._pid}-{next(self._names)}"
+            try:
+                os.mkdir(td, 0o700)
+            except FileExistsError:
+                continue
+            return td
 
     def _adopt(self, td: Path, snap: storage.Snapshot) -> None:
         """Last touches inside the creating transaction, before the rename."""
@@ -244,7 +259,7 @@ class LocalSnapshotter:
                     raise AlreadyExists(f"snapshot {key!r}")
                 parent_fs = self.fs_path(storage.parent_id(conn, parent))
         with self._pending_lock:
-            td = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
+            td = self._new_dir()
             self._pending.add(td.name)
         final: Path | None = None
         try:
