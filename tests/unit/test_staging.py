@@ -15,6 +15,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pytest
+
 from pycontainerd.transfer.staging import Stager, looks_like_layer
 
 if TYPE_CHECKING:
@@ -152,6 +154,7 @@ async def test_blobs_arriving_together_share_one_helper(tmp_path: Path) -> None:
     await stager.close()
 
 
+@pytest.mark.root  # leaving SCHED_IDLE takes CAP_SYS_NICE (else the job gives up)
 async def test_a_job_runs_idle_until_hurried(tmp_path: Path) -> None:
     """Unasked, a job's thread is in the SCHED_IDLE class; ``take`` (Diff.Apply waiting)
     moves it to SCHED_OTHER, and so does ``wanted`` (the daemon's own pull) from the
