@@ -25,6 +25,7 @@ chunk, commit) in one ``asyncio.to_thread`` hop. Guarantees, as containerd's
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -34,7 +35,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from pycontainerd.content.store import ALGORITHMS, Info, Status, split_digest
 from pycontainerd.errdefs import (
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from types import TracebackType
 
-__all__ = ["BlobReader", "LocalStore", "LocalWriter"]
+__all__ = ["WRITEBACK_BYTES", "BlobReader", "LocalStore", "LocalWriter", "start_writeback"]
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +332,28 @@ class LocalStore:
 
 # Bytes an ingest may have acknowledged but not yet written to disk.
 PIPELINE_BYTES = 8 << 20
+# An ingest asks the kernel to start writing its file back every this many bytes, so that
+# the fsync at commit finds most of it on disk already: that fsync was ~35 ms of each
+# 67 MB layer's commit in ``ctr images import``, with ctr waiting for it.
+WRITEBACK_BYTES = 8 << 20
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = None
+try:
+    _sync_file_range = ctypes.CDLL("libc.so.6", use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+except (OSError, AttributeError):  # not glibc on Linux: commit's fsync does it all
+    _sync_file_range = None
+
+
+def start_writeback(fd: int) -> bool:
+    """Start writing ``fd``'s dirty pages to disk, without waiting for them
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no durability by itself); whether the
+    kernel took the request."""
+    if _sync_file_range is None:
+        return False
+    return bool(_sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0)
 
 
 class LocalWriter:
@@ -355,6 +378,7 @@ class LocalWriter:
         self._pending: deque[tuple[Future[None], int]] = deque()
         self._pending_bytes = 0
         self._failed: BaseException | None = None
+        self._unsynced = 0  # bytes written since the disk was last asked to catch up
         self.ref = status.ref
         self.offset = status.offset
         self.total = status.total
@@ -424,6 +448,10 @@ class LocalWriter:
             if n <= 0:
                 raise DataLoss(f"wrote {written} of {len(view)} bytes")
             written += n
+        self._unsynced += written
+        if self._unsynced >= WRITEBACK_BYTES:
+            self._unsynced = 0
+            start_writeback(fd)
 
     def _wait_oldest(self) -> None:
         fut, size = self._pending.popleft()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pycontainerd.content.local import LocalStore
+from pycontainerd.content.local import WRITEBACK_BYTES, LocalStore, start_writeback
 from pycontainerd.content.store import read_section
 from pycontainerd.errdefs import (
     AlreadyExists,
@@ -56,6 +56,23 @@ def test_write_commit_read(store: LocalStore) -> None:
     assert [i.digest for i in store.walk()] == [dgst]
     with store.open_reader(dgst) as r:
         assert r.read_at(5, 10) == data[5:15]
+
+
+def test_pipelined_writes_past_the_writeback_mark(store: LocalStore) -> None:
+    """An ingest larger than WRITEBACK_BYTES asks the kernel to start writing it back
+    (the request must be one the kernel takes) and still commits the right bytes."""
+    data = os.urandom(WRITEBACK_BYTES + (3 << 20))
+    w = store.writer("wb", total=len(data))
+    for i in range(0, len(data), 1 << 20):
+        w.write_pipelined(data[i : i + (1 << 20)])
+    assert w.commit(len(data), sha(data)) == sha(data)
+    assert store.read_all(sha(data)) == data
+    fd = os.open(store.blob_path(sha(data)), os.O_RDONLY)
+    try:
+        assert start_writeback(fd)
+    finally:
+        os.close(fd)
+    assert not start_writeback(fd), "a closed descriptor is refused: the call is real"
 
 
 def test_root_is_private(store: LocalStore) -> None:
