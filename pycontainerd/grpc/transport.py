@@ -209,8 +209,9 @@ class _Stream(H2Stream):
     """One RPC: inbound message assembly, outbound buffering, and the handler task."""
 
     __slots__ = ("cancelled", "compressed", "conn", "context", "deadline", "expired",
-                 "finished", "headers_sent", "held", "inbound", "messages", "metadata", "method",
-                 "queued", "requests", "rpc", "task", "timer", "unacked")  # fmt: skip
+                 "finished", "have", "head", "headers_sent", "held", "messages", "metadata",
+                 "method", "need", "parts", "queued", "requests", "rpc", "task", "timer",
+                 "unacked")  # fmt: skip
 
     def __init__(self, conn: _Connection, stream_id: int, method: str) -> None:
         super().__init__(stream_id, conn.peer_initial_window)
@@ -222,7 +223,14 @@ class _Stream(H2Stream):
         self.timer: asyncio.TimerHandle | None = None
         self.expired = False
         self.compressed = False
-        self.inbound = bytearray()
+        # The message being assembled: its 5-byte prefix, then the pieces of its body
+        # (joined once, when complete: appending each frame to one buffer reallocated and
+        # copied it over and over), ``have`` of the ``need`` bytes the prefix announced
+        # (-1 until the prefix is complete).
+        self.head = bytearray()
+        self.parts: list[memoryview] = []
+        self.have = 0
+        self.need = -1
         # Streaming requests go through a queue of (message, bytes it took on the wire),
         # None marking the end; a unary request is collected here until END_STREAM.
         self.messages: asyncio.Queue[tuple[bytes, int] | None] | None = None
@@ -248,7 +256,8 @@ class _Stream(H2Stream):
         """
         n = len(chunk)
         if (
-            not self.inbound
+            self.need < 0
+            and not self.head
             and n >= 5
             and not chunk[0]
             and int.from_bytes(chunk[1:5], "big") == n - 5
@@ -271,21 +280,40 @@ class _Stream(H2Stream):
             conn.credit_stream(self, self.unacked)
             self.unacked = 0
 
+    @property
+    def assembling(self) -> bool:
+        """Part of a message is in."""
+        return self.need >= 0 or bool(self.head)
+
     def _assemble(self, chunk: bytes) -> None:
-        self.inbound += chunk
-        limit = self.conn.server.max_receive
-        while len(self.inbound) >= 5:
-            flag = self.inbound[0]
-            size = int.from_bytes(self.inbound[1:5], "big")
-            if size > limit:
-                raise _Abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"grpc: received message larger than max ({size} vs. {limit})",
-                )
-            if len(self.inbound) < 5 + size:
-                break
-            body = bytes(self.inbound[5 : 5 + size])
-            del self.inbound[: 5 + size]
+        view = memoryview(chunk)
+        while view:
+            if self.need < 0:
+                take = 5 - len(self.head)
+                self.head += view[:take]
+                view = view[take:]
+                if len(self.head) < 5:
+                    return
+                size = int.from_bytes(self.head[1:5], "big")
+                limit = self.conn.server.max_receive
+                if size > limit:
+                    raise _Abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"grpc: received message larger than max ({size} vs. {limit})",
+                    )
+                self.need = size
+            take = min(self.need - self.have, len(view))
+            if take:
+                self.parts.append(view[:take])
+                self.have += take
+                view = view[take:]
+            if self.have < self.need:
+                return
+            body = b"".join(self.parts)
+            flag, size = self.head[0], self.need
+            self.head.clear()
+            self.parts = []
+            self.have, self.need = 0, -1
             if flag & 1:
                 if not self.compressed:
                     raise _Abort(
@@ -468,7 +496,7 @@ class _Connection(H2Connection):
             self._fail(s, grpc.StatusCode.INTERNAL, f"cannot decompress message: {exc}")
             return
         if end_stream:
-            if s.inbound:
+            if s.assembling:
                 self._fail(s, grpc.StatusCode.INTERNAL, "truncated message at end of stream")
             elif s.messages is not None:
                 s.messages.put_nowait(None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import shutil
@@ -61,6 +62,10 @@ class Behaviours:
         finally:
             self.finally_ran.set()
 
+    async def digests(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
+        """The SHA-256 of each request message, in order."""
+        return b"".join([hashlib.sha256(r).digest() async for r in requests])
+
     async def hold(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
         await self.release.wait()  # take nothing until told to
         return str(sum([len(r) async for r in requests])).encode()
@@ -76,6 +81,7 @@ async def server() -> AsyncIterator[tuple[str, Behaviours]]:
         "Unary": grpc.unary_unary_rpc_method_handler(b.unary),
         "Stream": grpc.unary_stream_rpc_method_handler(b.stream),
         "Hold": grpc.stream_unary_rpc_method_handler(b.hold),
+        "Digests": grpc.stream_unary_rpc_method_handler(b.digests),
     }
     srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
     srv.add_insecure_port("unix:" + path)
@@ -206,6 +212,46 @@ async def test_unary_with_padding_priority_and_continuation(
     assert blocks[0][b":status"] == b"200"
     assert blocks[-1][b"grpc-status"] == b"0"
     assert data == grpc_message(b"olleh")
+
+
+@pytest.mark.parametrize("cuts", ["frames of 1, 2, 3... bytes", "random"])
+async def test_messages_cut_anywhere_across_frames(
+    server: tuple[str, Behaviours], cuts: str
+) -> None:
+    """Request messages whose 5-byte prefixes and bodies are cut at any byte, several to
+    a frame or one over many (empty, tiny, and larger than a frame), arrive whole."""
+    path, _ = server
+    c = await Client.connect(path)
+    c.settings()
+    bodies = [b"", b"a", os.urandom(70_000), b"", b"xyz", os.urandom(16_384), b"q" * 5]
+    stream = b"".join(grpc_message(body) for body in bodies)
+    rng = random.Random(7)
+    sizes: list[int] = []
+    n = 1
+    while sum(sizes) < len(stream):
+        sizes.append(n if cuts != "random" else rng.choice([1, 2, 4, 5, 6, 9, 1000, 16_000]))
+        n = n % 7 + 1
+    c.send(HEADERS, END_HEADERS, 1, c.request_block("/t.T/Digests"))
+    pos = 0
+    for size in sizes:
+        c.send(DATA, 0, 1, stream[pos : pos + size])
+        pos += size
+    c.send(DATA, END_STREAM, 1)
+    blocks, data, _ = await c.response(1)
+    assert blocks[-1][b"grpc-status"] == b"0"
+    assert data == grpc_message(b"".join(hashlib.sha256(b).digest() for b in bodies))
+
+
+async def test_message_cut_short_by_end_of_stream(server: tuple[str, Behaviours]) -> None:
+    path, _ = server
+    c = await Client.connect(path)
+    c.settings()
+    c.send(HEADERS, END_HEADERS, 1, c.request_block("/t.T/Digests"))
+    c.send(DATA, 0, 1, grpc_message(b"whole"))
+    c.send(DATA, END_STREAM, 1, grpc_message(b"cut short")[:3])  # inside the prefix
+    blocks, _, _ = await c.response(1)
+    assert blocks[-1][b"grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0]).encode()
+    assert b"truncated" in blocks[-1][b"grpc-message"]
 
 
 async def test_ping_settings_and_window_update_mid_call(server: tuple[str, Behaviours]) -> None:
