@@ -57,6 +57,8 @@ QUEUED_LIMIT = 1 << 20
 # Stream credit goes back in WINDOW_UPDATEs of at least this size (below the window, so a
 # sender is never left waiting for it).
 STREAM_CREDIT_BATCH = 256 << 10
+# Pieces of a message smaller than this are gathered in a buffer rather than kept apart.
+SMALL_PIECE = 4096
 # A stream handler that has this much unsent data waits for the peer before producing more.
 STREAM_HIGH_WATER = 4 << 20
 _RESERVED = frozenset(
@@ -228,7 +230,7 @@ class _Stream(H2Stream):
         # copied it over and over), ``have`` of the ``need`` bytes the prefix announced
         # (-1 until the prefix is complete).
         self.head = bytearray()
-        self.parts: list[memoryview] = []
+        self.parts: list[memoryview | bytearray] = []
         self.have = 0
         self.need = -1
         # Streaming requests go through a queue of (message, bytes it took on the wire),
@@ -304,7 +306,14 @@ class _Stream(H2Stream):
                 self.need = size
             take = min(self.need - self.have, len(view))
             if take:
-                self.parts.append(view[:take])
+                if take >= SMALL_PIECE:
+                    self.parts.append(view[:take])
+                else:  # tiny frames share one buffer: a view each would cost ~200 bytes
+                    last = self.parts[-1] if self.parts else None
+                    if type(last) is bytearray:
+                        last += view[:take]
+                    else:
+                        self.parts.append(bytearray(view[:take]))
                 self.have += take
                 view = view[take:]
             if self.have < self.need:

@@ -13,6 +13,7 @@ import random
 import shutil
 import struct
 import tempfile
+import tracemalloc
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -252,6 +253,37 @@ async def test_message_cut_short_by_end_of_stream(server: tuple[str, Behaviours]
     blocks, _, _ = await c.response(1)
     assert blocks[-1][b"grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0]).encode()
     assert b"truncated" in blocks[-1][b"grpc-message"]
+
+
+async def test_tiny_frames_of_one_message_cost_no_more_than_their_bytes(
+    server: tuple[str, Behaviours],
+) -> None:
+    """A message sent a byte per DATA frame is held in about its own size while it
+    arrives, not a Python object per frame."""
+    path, b = server
+    c = await Client.connect(path)
+    c.settings()
+    c.send(HEADERS, END_HEADERS, 1, c.request_block("/t.T/Hold"))
+    body = os.urandom(60_000)
+    message = grpc_message(body)
+    c.send(DATA, 0, 1, message[:5])
+    c.send(PING, 0, 0, b"prefix!!")
+    await c.until(PING)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(5, len(message) - 1):
+            c.send(DATA, 0, 1, message[i : i + 1])
+        c.send(PING, 0, 0, b"in-order")  # answered once every DATA frame is handled
+        await c.until(PING)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * len(body), f"{held} bytes held for {len(body)} bytes of message"
+    c.send(DATA, END_STREAM, 1, message[-1:])
+    b.release.set()
+    _, data, _ = await c.response(1)
+    assert data == grpc_message(str(len(body)).encode())
 
 
 async def test_ping_settings_and_window_update_mid_call(server: tuple[str, Behaviours]) -> None:
