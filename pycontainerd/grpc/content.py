@@ -193,16 +193,16 @@ class ContentService(content_pb2_grpc.ContentServicer):
                     msg.updated_at.CopyFrom(_ts(st.updated_at))
                     msg.total = total
                 elif req.action in (_WRITE, _COMMIT):
-                    if req.data and self.stager is not None:
+                    # Read once: each read of a bytes field copies it (1 MiB from ctr).
+                    data = req.data
+                    if data and self.stager is not None:
                         if spec is None:
                             if fresh and req.offset == 0:
-                                spec = await self.stager.speculate(
-                                    req.data, writer.data_path, total
-                                )
+                                spec = await self.stager.speculate(data, writer.data_path, total)
                         elif req.offset != writer.status().offset:
                             spec.cancel()  # a restart from 0 (or a bad offset)
                     fresh = False
-                    msg.offset = (await writer.write_at(req.offset, req.data)).offset
+                    msg.offset = (await writer.write_at(req.offset, data)).offset
                     if req.action == _COMMIT:
                         digest = await writer.commit(total, expected, dict(req.labels))
                         if spec is not None:
