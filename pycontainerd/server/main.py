@@ -20,6 +20,7 @@ from pycontainerd.grpc import GRPCService
 from pycontainerd.grpc.interceptors import wrap_handler
 from pycontainerd.grpc.transport import Server
 from pycontainerd.plugin import PluginSet
+from pycontainerd.server.memory import tune_malloc
 from pycontainerd.server.plugins import build_registry, close_plugins, load_plugins
 
 if TYPE_CHECKING:
@@ -183,4 +184,6 @@ async def run(cfg: Config) -> int:
 
 
 def serve(cfg: Config) -> int:
+    if not tune_malloc():
+        log.debug("malloc settings left as they are")
     return asyncio.run(run(cfg))
