@@ -10,8 +10,8 @@ the daemon per 200 MB ``ctr images import``.
 ``tune_malloc`` keeps up to 128 MiB of freed memory for reuse and serves blocks of up to
 32 MiB from the heap: ~200 faults per import. In interleaved imports (20 each) the
 median fell from 1.80 to 1.57 s and the daemon's CPU from 1.42 to 1.21 s. The price is
-more resident memory after a burst: up to 128 MiB kept free in the event loop's arena,
-where the big buffers are (a worker thread's arena is capped at 64 MiB by glibc).
+more resident memory after a burst: up to 128 MiB kept free per malloc arena. The big
+buffers are the event loop's; the worker threads' arenas see little of this.
 
 A ``MALLOC_*`` environment variable set for the daemon (glibc's own tunables) means
 the user has chosen: then nothing is changed.
