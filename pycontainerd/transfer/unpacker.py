@@ -89,8 +89,11 @@ class _Job:
             if data:
                 self.pos += len(data)
                 return data
-            if self.size is not None:
-                raise EOFError(f"the blob ends at {self.pos} of its {self.size} bytes")
+            size = self.size  # (the daemon's "end" may have come since ``limit``)
+            if size is not None:
+                if self.pos >= size:
+                    return b""
+                raise EOFError(f"the blob ends at {self.pos} of its {size} bytes")
             with self.cond:
                 if self._waiting():
                     self.cond.wait(_POLL)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pycontainerd.transfer import unpacker
 from pycontainerd.transfer.staging import Stager, looks_like_layer
 
 if TYPE_CHECKING:
@@ -183,6 +184,33 @@ async def test_a_job_runs_idle_until_hurried(tmp_path: Path) -> None:
     assert await _eventually(lambda: _job_policies(pid) == [os.SCHED_OTHER])
     spec.cancel()
     await stager.close()
+
+
+def test_end_arriving_while_the_reader_is_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's "end" can land between the unpacker's read at the end of the file and
+    its look at the size: that is the end of the blob, not a short blob. The race is
+    forced here by a pread that lets "end" in (it cost a layer its unpack in about one
+    daemon pull in thirty)."""
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 400)
+    fd = os.open(path, os.O_RDONLY)
+    job = unpacker._Job(1, fd, tmp_path / "out", 0)
+    try:
+        assert job.read(1000) == b"x" * 400
+        real_pread = os.pread
+
+        def pread(fd: int, n: int, offset: int) -> bytes:
+            data = real_pread(fd, n, offset)
+            if not data:
+                job.poke(size=400)  # "end" comes right now
+            return data
+
+        monkeypatch.setattr(os, "pread", pread)
+        assert job.read(1000) == b""
+    finally:
+        os.close(fd)
 
 
 def test_what_looks_like_a_layer() -> None:
