@@ -46,6 +46,7 @@ from pycontainerd.errdefs import (
     NotFound,
     Unavailable,
 )
+from pycontainerd.snapshots.mount import libc
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -340,10 +341,10 @@ WRITEBACK_BYTES = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Any = None
 try:
-    _sync_file_range = ctypes.CDLL("libc.so.6", use_errno=True).sync_file_range
+    _sync_file_range = libc.sync_file_range
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     _sync_file_range.restype = ctypes.c_int
-except (OSError, AttributeError):  # not glibc on Linux: commit's fsync does it all
+except AttributeError:  # not glibc on Linux: commit's fsync does it all
     _sync_file_range = None
 
 

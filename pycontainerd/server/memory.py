@@ -22,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from pycontainerd.snapshots.mount import libc
+
 __all__ = ["tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
@@ -36,8 +38,8 @@ def tune_malloc() -> bool:
     if any(name in os.environ for name in _ENV):
         return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
+        mallopt = libc.mallopt
+    except AttributeError:  # not glibc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -98,7 +98,8 @@ _FLAGS: dict[str, tuple[bool, int]] = {
 
 _PAGESIZE = os.sysconf("SC_PAGESIZE")
 
-# One libc handle for the daemon's mount and namespace calls (``network.netns`` too);
+# One libc handle for the daemon's calls (mounts here; namespaces in ``network.netns``,
+# writeback in ``content.local``, malloc settings in ``server.memory``);
 # ctypes keeps errno per thread, so sharing it is safe. Named directly:
 # ctypes.util.find_library runs ldconfig (~40 ms of daemon start-up).
 libc = _libc = ctypes.CDLL("libc.so.6", use_errno=True)
