@@ -258,8 +258,7 @@ class _Stream(H2Stream):
         """
         n = len(chunk)
         if (
-            self.need < 0
-            and not self.head
+            not self.assembling
             and n >= 5
             and not chunk[0]
             and int.from_bytes(chunk[1:5], "big") == n - 5
