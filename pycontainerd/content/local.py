@@ -421,7 +421,7 @@ class LocalWriter:
             self._drain()
             return self._write(data)
 
-    def write_pipelined(self, data: bytes) -> None:
+    def write_pipelined(self, data: bytes | memoryview) -> None:
         """Hash ``data`` and count it now; write it to disk in the background, in order.
 
         Errors of a background write surface on the next call (as DataLoss). At most

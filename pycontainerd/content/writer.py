@@ -66,7 +66,7 @@ class ContentWriter:
         assert self._shared is not None
         return self._shared.expected
 
-    async def write_at(self, offset: int, data: bytes) -> Status:
+    async def write_at(self, offset: int, data: bytes | memoryview) -> Status:
         """Apply one WRITE of the Write protocol; returns the new status.
 
         ``offset`` > 0 must equal the current offset (OutOfRange otherwise); ``offset`` 0
@@ -101,7 +101,7 @@ class ContentWriter:
             raise FailedPrecondition(f"writer {self.ref!r} cannot append")
         self._w.write(data)
 
-    async def _unshare(self, offset: int, data: bytes) -> None:
+    async def _unshare(self, offset: int, data: bytes | memoryview) -> None:
         # A shared ingest becomes a real one only when bytes arrive: copy the shared blob
         # first if they continue it, start empty if they restart it.
         assert self._shared is not None
@@ -179,7 +179,7 @@ class ContentWriter:
             await asyncio.shield(fut)
 
 
-def _write_at(w: LocalWriter, offset: int, data: bytes) -> None:
+def _write_at(w: LocalWriter, offset: int, data: bytes | memoryview) -> None:
     # One thread hop per protocol message: truncate if asked, then hash the bytes and hand
     # them to the writer's disk thread (the client sends the next message meanwhile).
     if offset == 0 and w.offset > 0:

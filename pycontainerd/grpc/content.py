@@ -11,6 +11,10 @@ methods carry protocol rules of their own, as containerd's ``contentserver`` doe
   ``expected`` digest is already in the namespace aborts the ingest with AlreadyExists;
   COMMIT ends the stream. The response object carries fields over from earlier answers
   (containerd reuses one message), so a WRITE answer still shows the ``total`` a STAT set.
+
+Write's requests are decoded by ``decode_write_request``: the ``data`` field (1 MiB per
+message from ctr) stays a view of the received message instead of being copied twice, once
+by protobuf's parse and once more by reading the field.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+import grpc.aio
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from pycontainerd.api.services.content.v1 import content_pb2, content_pb2_grpc
@@ -30,13 +35,13 @@ from pycontainerd.errdefs import AlreadyExists, InvalidArgument, NotFound
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    import grpc.aio
+    from google.protobuf.internal.containers import ScalarMap
 
     from pycontainerd.content.metadata import NamespacedContentStore
     from pycontainerd.content.store import Status
     from pycontainerd.transfer.staging import Speculation, Stager
 
-__all__ = ["ContentService"]
+__all__ = ["ContentService", "WriteRequest", "decode_write_request"]
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +50,110 @@ Context = Any  # grpc.aio.ServicerContext; the stubs' generics add nothing here
 READ_CHUNK = 1 << 20
 LIST_BATCH = 100
 
+_SERVICE = "containerd.services.content.v1.Content"
 _STAT = content_pb2.STAT
 _WRITE = content_pb2.WRITE
 _COMMIT = content_pb2.COMMIT
+
+# Enough of a blob's first bytes to tell a layer (a tar header's magic is at 257).
+_HEAD = 512
+
+_DATA_FIELD = 6  # WriteContentRequest.data
+_LENGTH_DELIMITED = 2
+
+
+class WriteRequest:
+    """A ``WriteContentRequest`` whose ``data`` may be a view of the received bytes."""
+
+    __slots__ = ("data", "msg")
+
+    def __init__(self, msg: content_pb2.WriteContentRequest, data: bytes | memoryview) -> None:
+        self.msg = msg
+        self.data = data
+
+    @property
+    def action(self) -> content_pb2.WriteAction.ValueType:
+        return self.msg.action
+
+    @property
+    def ref(self) -> str:
+        return self.msg.ref
+
+    @property
+    def total(self) -> int:
+        return self.msg.total
+
+    @property
+    def expected(self) -> str:
+        return self.msg.expected
+
+    @property
+    def offset(self) -> int:
+        return self.msg.offset
+
+    @property
+    def labels(self) -> ScalarMap[str, str]:
+        return self.msg.labels
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("varint too long")
+
+
+def _data_span(raw: bytes) -> tuple[int, int, int] | None:
+    """(start of its key, start, end) of the one top-level ``data`` field; None when
+    there is none or more than one; ValueError when ``raw`` is not well formed."""
+    pos, n = 0, len(raw)
+    found: tuple[int, int, int] | None = None
+    seen = 0
+    while pos < n:
+        start = pos
+        key, pos = _varint(raw, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(raw, pos)
+        elif wire == _LENGTH_DELIMITED:
+            length, pos = _varint(raw, pos)
+            if key >> 3 == _DATA_FIELD:
+                found = (start, pos, pos + length)
+                seen += 1
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        if pos > n:
+            raise ValueError("field past the end")
+    return found if seen == 1 else None
+
+
+def decode_write_request(raw: bytes) -> WriteRequest:
+    """Content.Write's request deserializer: protobuf parses every field but ``data``,
+    which is handed on as a view of ``raw``. Anything unusual (no data, malformed bytes,
+    a repeated field) goes to protobuf whole, so errors are protobuf's own."""
+    raw = bytes(raw)  # immutable, so the view stays valid (a no-op for bytes)
+    try:
+        span = _data_span(raw)
+    except ValueError:
+        span = None
+    if span is None:
+        msg = content_pb2.WriteContentRequest.FromString(raw)
+        return WriteRequest(msg, msg.data)
+    key, start, end = span
+    msg = content_pb2.WriteContentRequest.FromString(raw[:key] + raw[end:])
+    return WriteRequest(msg, memoryview(raw)[start:end])
 
 
 def _ts(ns: int) -> timestamp_pb2.Timestamp:
@@ -85,6 +191,16 @@ class ContentService(content_pb2_grpc.ContentServicer):
         self.stager = stager
 
     def register(self, server: grpc.aio.Server) -> None:
+        # Write first, with the request decoder that keeps data uncopied; servers try
+        # generic handlers in order, so the generated table below serves the rest.
+        write = grpc.stream_stream_rpc_method_handler(
+            self.Write,
+            request_deserializer=decode_write_request,
+            response_serializer=content_pb2.WriteContentResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, {"Write": write}),)
+        )
         content_pb2_grpc.add_ContentServicer_to_server(self, server)
 
     async def Info(
@@ -155,8 +271,8 @@ class ContentService(content_pb2_grpc.ContentServicer):
         await self.store.abort(request.ref)
         return empty_pb2.Empty()
 
-    async def Write(
-        self, request_iterator: AsyncIterator[content_pb2.WriteContentRequest], context: Context
+    async def Write(  # type: ignore[override]  # requests come from decode_write_request
+        self, request_iterator: AsyncIterator[WriteRequest], context: Context
     ) -> AsyncIterator[content_pb2.WriteContentResponse]:
         requests = aiter(request_iterator)
         req = await anext(requests, None)
@@ -193,12 +309,13 @@ class ContentService(content_pb2_grpc.ContentServicer):
                     msg.updated_at.CopyFrom(_ts(st.updated_at))
                     msg.total = total
                 elif req.action in (_WRITE, _COMMIT):
-                    # Read once: each read of a bytes field copies it (1 MiB from ctr).
                     data = req.data
                     if data and self.stager is not None:
                         if spec is None:
                             if fresh and req.offset == 0:
-                                spec = await self.stager.speculate(data, writer.data_path, total)
+                                spec = await self.stager.speculate(
+                                    bytes(data[:_HEAD]), writer.data_path, total
+                                )
                         elif req.offset != writer.status().offset:
                             spec.cancel()  # a restart from 0 (or a bad offset)
                     fresh = False
