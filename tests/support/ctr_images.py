@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tests.support.daemon import mounts_under
 from tests.support.fs_listing import listing
 
 if TYPE_CHECKING:
@@ -32,15 +33,3 @@ def mounted_listing(
         return listing(where)
     finally:
         d.ctr("images", "unmount", *sn, "--rm", str(where), namespace=ns)
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points of this mount namespace at or below `path`."""
-    prefix = str(path)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                out.append(point)
-    return out

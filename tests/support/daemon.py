@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,6 +140,10 @@ class Daemon:
 
     def cleanup(self) -> None:
         self.stop()
+        # The CRI's namespace directory stays a mount point after the daemon exits (as
+        # iproute2's does), and a test that killed the daemon may leave task mounts:
+        # either would keep the directory, and the mount, for good.
+        unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -151,3 +156,22 @@ def metadata(
     if lease is not None:
         md.append(("containerd-lease", lease))
     return tuple(md)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, from /proc/self/mountinfo (we share the daemon's
+    mount namespace)."""
+    prefix = str(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                out.append(point)
+    return out
+
+
+def unmount_under(path: Path) -> None:
+    """Detach every mount at or below `path`, deepest first."""
+    for point in sorted(mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support.daemon import CTR
+from tests.support.daemon import CTR, mounts_under, unmount_under
 from tests.support.images import busybox_image, write_oci_archive
 
 if TYPE_CHECKING:
@@ -147,23 +147,6 @@ def bundle_dir(daemon: Daemon, ns: str, id_: str) -> Path:
     return daemon.state / RUNTIME_DIR / ns / id_
 
 
-def _unescape_mount(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path`, from /proc/self/mountinfo (we share the daemon's
-    mount namespace)."""
-    prefix = str(path)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape_mount(line.split()[4])
-            if point == prefix or point.startswith(prefix + "/"):
-                out.append(point)
-    return out
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -265,11 +248,6 @@ def _kill_cgroups(ns: str) -> None:
                     os.kill(int(pid), signal.SIGKILL)
 
 
-def _unmount_under(path: Path) -> None:
-    for point in sorted(mounts_under(path), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-
-
 def force_cleanup(daemon: Daemon, ns: str) -> None:
     """Leave nothing of `ns`'s tasks on the host, whatever state a test stopped in.
 
@@ -288,7 +266,7 @@ def force_cleanup(daemon: Daemon, ns: str) -> None:
     for pid in shim_pids(daemon, ns):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    _unmount_under(daemon.state / RUNTIME_DIR / ns)
+    unmount_under(daemon.state / RUNTIME_DIR / ns)
     deadline = time.monotonic() + 5
     for d in _cgroup_dirs(ns):
         while True:
