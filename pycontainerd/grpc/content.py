@@ -191,17 +191,15 @@ class ContentService(content_pb2_grpc.ContentServicer):
         self.stager = stager
 
     def register(self, server: grpc.aio.Server) -> None:
-        # Write first, with the request decoder that keeps data uncopied; servers try
-        # generic handlers in order, so the generated table below serves the rest.
+        content_pb2_grpc.add_ContentServicer_to_server(self, server)
+        # Write again, with the request decoder that leaves data uncopied: registering a
+        # method anew replaces the generated entry.
         write = grpc.stream_stream_rpc_method_handler(
             self.Write,
             request_deserializer=decode_write_request,
             response_serializer=content_pb2.WriteContentResponse.SerializeToString,
         )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(_SERVICE, {"Write": write}),)
-        )
-        content_pb2_grpc.add_ContentServicer_to_server(self, server)
+        server.add_registered_method_handlers(_SERVICE, {"Write": write})
 
     async def Info(
         self, request: content_pb2.InfoRequest, context: Context

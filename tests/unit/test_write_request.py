@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import grpc.aio
 import pytest
 from google.protobuf.message import DecodeError
 
 from pycontainerd.api.services.content.v1 import content_pb2
-from pycontainerd.grpc.content import decode_write_request
+from pycontainerd.grpc.content import ContentService, decode_write_request
+from pycontainerd.grpc.transport import Server
 
 REQUESTS = [
     content_pb2.WriteContentRequest(action=content_pb2.STAT, ref="import-1"),
@@ -88,3 +93,34 @@ def test_malformed_messages_fail_as_protobuf_fails(raw: bytes) -> None:
         content_pb2.WriteContentRequest.FromString(raw)
     with pytest.raises(DecodeError):
         decode_write_request(raw)
+
+
+@pytest.mark.parametrize("make", [Server, lambda: grpc.aio.server()], ids=["ours", "grpcio"])
+def test_the_content_service_serves_write_with_the_decoder(make: Any) -> None:
+    # The generated registration names FromString; ours must replace it on either server
+    # (registered methods win over generic handlers).
+    seen: list[Any] = []
+
+    class Spy:
+        def __init__(self, server: Any) -> None:
+            self.server = server
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            self.server.add_generic_rpc_handlers(handlers)
+
+        def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+            seen.append((service, handlers.get("Write")))
+            self.server.add_registered_method_handlers(service, handlers)
+
+    async def main() -> None:
+        server = make()
+        ContentService(None).register(Spy(server))  # type: ignore[arg-type]  # no calls
+        if isinstance(server, Server):
+            rpc = server.lookup(f"/{seen[-1][0]}/Write")
+            assert rpc is not None
+            assert rpc[2] is decode_write_request
+
+    asyncio.run(main())
+    service, write = seen[-1]
+    assert service == "containerd.services.content.v1.Content"
+    assert write.request_deserializer is decode_write_request
