@@ -11,14 +11,13 @@ The schema and its migrations live in ``pycontainerd.metadata.schema``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from pycontainerd.errdefs import FailedPrecondition
+from pycontainerd.worker import Worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,7 +34,7 @@ class MetadataDB:
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         self._synchronous = synchronous
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata-db")
+        self._worker = Worker("metadata-db")
         self._conn: sqlite3.Connection | None = None
         self._thread_id: int | None = None
         # Bumped on every committed write; the GC scheduler reads it to decide when to run.
@@ -78,7 +77,7 @@ class MetadataDB:
         try:
             await self._run(_close)
         finally:
-            self._executor.shutdown(wait=True)
+            self._worker.close()
 
     async def view(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read-only closure on the database thread."""
@@ -123,7 +122,7 @@ class MetadataDB:
 
     def update_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``update`` for code already running on a worker thread (never on the loop)."""
-        return self._executor.submit(lambda: self._update_inline(fn)).result()
+        return self._worker.call(lambda: self._update_inline(fn))
 
     def _update_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._connection()
@@ -143,5 +142,4 @@ class MetadataDB:
         return self._conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn)
+        return await self._worker.run(fn)
