@@ -752,7 +752,17 @@ class Server:
             raw = await s.next_message()
             if raw is None:
                 return
-            yield deserializer(raw) if deserializer is not None else raw
+            if deserializer is None:
+                yield raw
+                continue
+            try:
+                req = deserializer(raw)
+            except Exception as exc:
+                # INTERNAL, as for a unary request and as grpc-go answers; an abort, which
+                # the handler and the interceptors let through.
+                await s.context.abort(grpc.StatusCode.INTERNAL, f"cannot parse request: {exc}")
+                return  # not reached: abort raises
+            yield req
 
     async def _drain_responses(
         self, s: _Stream, gen: Any, ser: Callable[[Any], bytes] | None

@@ -45,6 +45,13 @@ def grpc_message(body: bytes) -> bytes:
     return b"\x00" + len(body).to_bytes(4, "big") + body
 
 
+def strict(raw: bytes) -> bytes:
+    """A request deserializer that refuses one message."""
+    if raw == b"bad":
+        raise ValueError("not a message")
+    return raw
+
+
 class Behaviours:
     def __init__(self) -> None:
         self.finally_ran = asyncio.Event()
@@ -83,6 +90,7 @@ async def server() -> AsyncIterator[tuple[str, Behaviours]]:
         "Stream": grpc.unary_stream_rpc_method_handler(b.stream),
         "Hold": grpc.stream_unary_rpc_method_handler(b.hold),
         "Digests": grpc.stream_unary_rpc_method_handler(b.digests),
+        "Strict": grpc.stream_unary_rpc_method_handler(b.digests, request_deserializer=strict),
     }
     srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
     srv.add_insecure_port("unix:" + path)
@@ -241,6 +249,21 @@ async def test_messages_cut_anywhere_across_frames(
     blocks, data, _ = await c.response(1)
     assert blocks[-1][b"grpc-status"] == b"0"
     assert data == grpc_message(b"".join(hashlib.sha256(b).digest() for b in bodies))
+
+
+async def test_a_request_message_that_does_not_parse_is_internal(
+    server: tuple[str, Behaviours],
+) -> None:
+    """As for a unary request (and as grpc-go answers), not UNKNOWN from the handler."""
+    path, _ = server
+    c = await Client.connect(path)
+    c.settings()
+    c.send(HEADERS, END_HEADERS, 1, c.request_block("/t.T/Strict"))
+    c.send(DATA, 0, 1, grpc_message(b"fine"))
+    c.send(DATA, END_STREAM, 1, grpc_message(b"bad"))
+    blocks, _, _ = await c.response(1)
+    assert blocks[-1][b"grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0]).encode()
+    assert blocks[-1][b"grpc-message"].startswith(b"cannot parse request")
 
 
 async def test_message_cut_short_by_end_of_stream(server: tuple[str, Behaviours]) -> None:
