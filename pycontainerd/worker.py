@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import queue
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -44,13 +45,16 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 class Worker:
-    """A named thread with a job queue; ``close`` ends it after the queued jobs."""
+    """A named thread with a job queue; ``close`` ends it after the queued jobs (so does
+    the Worker's garbage collection: the thread holds only the queue)."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs = jobs
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = threading.Thread(target=_serve, args=(jobs,), name=name, daemon=True)
         self._thread.start()
+        self._stop = weakref.finalize(self, jobs.put, None)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the worker thread; its result or exception here."""
@@ -66,9 +70,8 @@ class Worker:
         return fut.result()
 
     def close(self, wait: bool = True) -> None:
-        if not self._closed:
-            self._closed = True
-            self._jobs.put(None)
+        self._closed = True
+        self._stop()  # the end marker, once
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -77,25 +80,33 @@ class Worker:
             raise RuntimeError(f"worker {self._thread.name} is closed")
         self._jobs.put(job)
 
-    def _loop(self) -> None:
-        get = self._jobs.get
-        while (job := get()) is not None:
-            fn, loop, fut = job
-            if loop is None:
-                assert isinstance(fut, concurrent.futures.Future)
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as exc:
-                        fut.set_exception(exc)
-                continue
-            assert isinstance(fut, asyncio.Future)
-            if fut.cancelled():  # read across threads: a race only runs a cancelled job
-                continue
+
+def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    get = jobs.get
+    while (job := get()) is not None:
+        _run(*job)
+        del job  # nothing of it held while waiting for the next
+
+
+def _run(
+    fn: Callable[[], Any],
+    loop: asyncio.AbstractEventLoop | None,
+    fut: asyncio.Future[Any] | concurrent.futures.Future[Any],
+) -> None:
+    if loop is None:
+        assert isinstance(fut, concurrent.futures.Future)
+        if fut.set_running_or_notify_cancel():
             try:
-                result: tuple[bool, Any] = (True, fn())
+                fut.set_result(fn())
             except BaseException as exc:
-                result = (False, exc)
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_settle, fut, *result)
-            del job, fn, fut, result  # drop references before blocking on the queue
+                fut.set_exception(exc)
+        return
+    assert isinstance(fut, asyncio.Future)
+    if fut.cancelled():  # read across threads: a race only runs a cancelled job
+        return
+    try:
+        result: tuple[bool, Any] = (True, fn())
+    except BaseException as exc:
+        result = (False, exc)
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+        loop.call_soon_threadsafe(_settle, fut, *result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import threading
 
 import pytest
@@ -95,3 +96,13 @@ def test_close_runs_the_queued_jobs_first_then_refuses_more() -> None:
     asyncio.run(main())
     with pytest.raises(RuntimeError, match="closed"):
         w.call(lambda: None)
+
+
+def test_a_worker_dropped_without_close_ends_its_thread() -> None:
+    w = Worker("test-dropped")
+    thread = w._thread
+    assert w.call(lambda: 7) == 7
+    del w
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
