@@ -4,8 +4,9 @@
 ``ThreadPoolExecutor`` does, with less on the way: the job goes through a ``SimpleQueue``
 and its result straight into an asyncio future with one ``call_soon_threadsafe``, where
 the executor chains a ``concurrent.futures.Future`` (its lock, its callbacks) to the
-asyncio one. On this 2-vCPU VM that is about a tenth of a millisecond of a metadata
-transaction's round trip, which every Snapshots, Images and Containers call pays.
+asyncio one. On this 2-vCPU VM that saved ~30 µs of latency and ~40 µs of CPU per
+metadata round trip (Snapshots.Stat), which every Snapshots, Images and Containers call
+makes.
 
 As with the executor, a job whose caller is cancelled before it starts is skipped, and
 one that has started runs to its end.
