@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -127,6 +128,16 @@ def test_task_survives_daemon_restart(
     d.ctr("container", "rm", "r1", namespace=ns)
 
 
+def _end_of(stream: Any) -> grpc.RpcError:
+    """The error that ends an event stream, after any probe events still queued."""
+    try:
+        for event in stream:
+            assert event.topic == "/namespaces/update"
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError("the event stream ended without an error")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_calls_in_flight_fail_unavailable_when_daemon_stops(
     fresh_daemon: Daemon, ns: str, runtime: str, stop: signal.Signals
@@ -143,18 +154,32 @@ def test_calls_in_flight_fail_unavailable_when_daemon_stops(
         stream = events_pb2_grpc.EventsStub(ch).Subscribe(
             events_pb2.SubscribeRequest(), metadata=metadata(ns), timeout=60
         )
-        # Both calls are open on the server: the subscription delivers an event published
-        # after it, and the Wait is still pending.
-        d.ctr("namespaces", "label", ns, "probe=1", namespace=ns)
-        assert next(stream).topic == "/namespaces/update"
+        # Both calls are open on the server: the subscription delivers an event, and the
+        # Wait is still pending. The call returns before the server has registered the
+        # subscriber, and an event published before that reaches no one: label until one
+        # arrives.
+        arrived = threading.Event()
+
+        def probe() -> None:
+            for i in range(100):
+                d.ctr("namespaces", "label", ns, f"probe={i}", namespace=ns)
+                if arrived.wait(0.2):
+                    return
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            assert next(stream).topic == "/namespaces/update"
+        finally:
+            arrived.set()
+            prober.join()
         assert not wait.done()
         d.stop(stop)
         with pytest.raises(grpc.RpcError) as info:
             wait.result()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
-        with pytest.raises(grpc.RpcError) as info:
-            next(stream)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        ended = _end_of(stream)
+        assert ended.code() == grpc.StatusCode.UNAVAILABLE, ended
     d.start()
     d.ctr("task", "kill", "-s", "SIGKILL", "w1", namespace=ns)
 
