@@ -1,15 +1,17 @@
 """The daemon's malloc settings.
 
-A large request message goes through several buffers of its size on the event loop:
-the message joined from its frames, protobuf's copy, the bytes of its ``data`` field. A
-1 MiB WRITE from ``ctr`` has all three. With glibc's defaults each such buffer is
-either mapped and unmapped, or taken from the heap's top and trimmed back to the system
-when freed. Either way every message faulted its pages in again: ~30 000 page faults in
-the daemon per 200 MB ``ctr images import``.
+A large request message goes through buffers of its size on the event loop: the message
+joined from its frames, and, unless its servicer decodes it in place as Content.Write's
+does (``grpc.content.decode_write_request``), protobuf's copy and the bytes of its
+fields. With glibc's defaults each such buffer is either mapped and unmapped, or taken
+from the heap's top and trimmed back to the system when freed. Either way every message
+faulted its pages in again: ~30 000 page faults in the daemon per 200 MB ``ctr images
+import``, measured when a 1 MiB WRITE still took all three buffers.
 
 ``tune_malloc`` keeps up to 128 MiB of freed memory for reuse and serves blocks of up to
 32 MiB from the heap: ~200 faults per import. In interleaved imports (20 each) the
-median fell from 1.80 to 1.57 s and the daemon's CPU from 1.42 to 1.21 s. The price is
+median fell from 1.80 to 1.57 s and the daemon's CPU from 1.42 to 1.21 s (before the
+Write decoder; not measured again since). The price is
 more resident memory after a burst: up to 128 MiB kept free per malloc arena. The big
 buffers are the event loop's; the worker threads' arenas see little of this.
 

@@ -12,8 +12,9 @@ import pytest
 
 from pycontainerd.server.memory import tune_malloc
 
-# In a fresh interpreter: page faults while 100 messages of 1 MiB go through the three
-# buffers a WRITE from ctr takes (joined message, protobuf's copy, the field's bytes).
+# In a fresh interpreter: page faults while 100 messages of 1 MiB go through three
+# buffers of their size, as a large request without an in-place decoder does (joined
+# message, protobuf's copy, a field's bytes).
 _PROBE = """
 import os, sys
 from pycontainerd.server.memory import tune_malloc
