@@ -36,7 +36,6 @@ class MetadataDB:
         self._synchronous = synchronous
         self._worker = Worker("metadata-db")
         self._conn: sqlite3.Connection | None = None
-        self._thread_id: int | None = None
         # Bumped on every committed write; the GC scheduler reads it to decide when to run.
         self.mutations = 0
         # read_sync's connections, one per worker thread that reads (WAL: readers never
@@ -58,7 +57,6 @@ class MetadataDB:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
             self._conn = conn
-            self._thread_id = threading.get_ident()
             schema.migrate(conn)
 
         await self._run(_open)
