@@ -224,7 +224,7 @@ def _take_lock(lock: int, path: str) -> bool:
     if os.path.exists(path):
         return False
     with contextlib.suppress(ValueError, OSError):
-        pid = int(os.pread(lock, 32, 0).decode() or 0)
+        pid = int(os.pread(lock, 32, 0).decode().strip() or 0)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             is_zygote = b"pycontainerd.shim.zygote" in f.read()
         if pid > 0 and is_zygote:  # never a recycled pid of something else
@@ -247,8 +247,13 @@ def _orphaned(path: str, ident: int) -> bool:
         return True
 
 
-def _detach() -> None:
-    if os.fork() != 0:
+def _detach(lock: int) -> None:
+    child = os.fork()
+    if child != 0:
+        # The pid goes into the lock file before the caller sees us exit, so a reader
+        # (a successor to hurry us out, a test) never finds it missing. One fixed-width
+        # write, no truncation first: no moment shows an empty or half-written pid.
+        os.pwrite(lock, f"{child:<12}".encode(), 0)
         os._exit(0)
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
@@ -274,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.bind(path)
     os.chmod(path, 0o600)
     listener.listen(128)
-    _detach()
-    os.ftruncate(lock, 0)
-    os.pwrite(lock, str(os.getpid()).encode(), 0)  # for a successor to hurry us out
+    _detach(lock)  # writes our pid to the lock file, for a successor to hurry us out
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     # Everything a shim needs, imported once; frozen so children don't copy it for GC.
     from pycontainerd.shim import _nogrpc
