@@ -66,9 +66,15 @@ class Worker:
 
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the worker thread, waited for by this (other, non-loop) thread."""
+        if self.in_thread():
+            raise RuntimeError(f"worker {self._thread.name} would wait for itself")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._put((fn, None, fut))
         return fut.result()
+
+    def in_thread(self) -> bool:
+        """Whether the caller is running on the worker thread."""
+        return threading.current_thread() is self._thread
 
     def close(self, wait: bool = True) -> None:
         self._closed = True

@@ -6,6 +6,13 @@ the closure runs on the database thread, so the event loop never blocks on sqlit
 ``update`` wraps it in one ``BEGIN IMMEDIATE`` transaction (commit on return, rollback on
 exception). Closures must not await or call back into the loop.
 
+Code already on the database thread, inside an ``update`` (a backend snapshotter whose
+table shares this database, called from a namespaced snapshot transaction), reads with
+``read_sync`` and writes with ``write_sync`` on the same connection: its writes become a
+savepoint of the transaction in progress, and ``on_rollback``/``after_commit`` let it
+act on how that transaction ends (undo a directory it made, delete one only once its row
+is gone for good).
+
 The schema and its migrations live in ``pycontainerd.metadata.schema``.
 """
 
@@ -44,6 +51,8 @@ class MetadataDB:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        # While an update runs: what to do after it commits / when it rolls back.
+        self._hooks: tuple[list[Callable[[], object]], list[Callable[[], object]]] | None = None
 
     async def open(self) -> None:
         from pycontainerd.metadata import schema
@@ -85,7 +94,10 @@ class MetadataDB:
     def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read-only closure on the calling worker thread (never the loop), over a
         connection of that thread's own: no hop to the database thread. It sees every
-        transaction committed before it starts."""
+        transaction committed before it starts. On the database thread itself it reads
+        on the main connection, inside the transaction in progress if there is one."""
+        if self._worker.in_thread():
+            return self._read_here(fn)
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             with self._readers_lock:
@@ -105,6 +117,18 @@ class MetadataDB:
         finally:
             conn.execute("COMMIT")
 
+    def view_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``view`` for code on a worker thread, or inline on the database thread (inside
+        the transaction in progress there, if any). Unlike ``read_sync`` it opens no
+        connection for the calling thread."""
+        if self._worker.in_thread():
+            return self._read_here(fn)
+        return self._worker.call(lambda: self._view_inline(fn))
+
+    def _read_here(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        return fn(conn) if conn.in_transaction else self._view_inline(fn)
+
     def _view_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._connection()
         conn.execute("BEGIN")
@@ -122,16 +146,63 @@ class MetadataDB:
         """``update`` for code already running on a worker thread (never on the loop)."""
         return self._worker.call(lambda: self._update_inline(fn))
 
-    def _update_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A write from a worker thread: ``update_sync``, or on the database thread inside
+        an ``update``, a savepoint of it (``fn``'s changes are undone alone if it raises,
+        and kept or undone with the whole transaction otherwise)."""
+        if not self._worker.in_thread():
+            return self.update_sync(fn)
+        if self._hooks is None:
+            raise RuntimeError("write_sync on the database thread outside an update")
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("SAVEPOINT nested")
         try:
             result = fn(conn)
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK TO nested")
+            conn.execute("RELEASE nested")
             raise
-        conn.execute("COMMIT")
+        conn.execute("RELEASE nested")
+        return result
+
+    def in_update(self) -> bool:
+        """Whether the caller runs inside an ``update`` on the database thread."""
+        return self._hooks is not None and self._worker.in_thread()
+
+    def after_commit(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the database thread once the ``update`` in progress commits."""
+        self._current_hooks()[0].append(fn)
+
+    def on_rollback(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the database thread if the ``update`` in progress rolls back."""
+        self._current_hooks()[1].append(fn)
+
+    def _current_hooks(
+        self,
+    ) -> tuple[list[Callable[[], object]], list[Callable[[], object]]]:
+        if not self.in_update():
+            raise RuntimeError("no update in progress on this thread")
+        assert self._hooks is not None
+        return self._hooks
+
+    def _update_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        hooks: tuple[list[Callable[[], object]], list[Callable[[], object]]] = ([], [])
+        self._hooks = hooks
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                _run_hooks(hooks[1])
+                raise
+        finally:
+            self._hooks = None
         self.mutations += 1
+        _run_hooks(hooks[0])
         return result
 
     def _connection(self) -> sqlite3.Connection:
@@ -141,3 +212,11 @@ class MetadataDB:
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await self._worker.run(fn)
+
+
+def _run_hooks(hooks: list[Callable[[], object]]) -> None:
+    for hook in hooks:
+        try:
+            hook()
+        except Exception:
+            log.exception("metadata transaction hook %r failed", hook)
