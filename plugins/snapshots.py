@@ -11,7 +11,8 @@ and the gRPC API.
   and then ``service.get("overlayfs")``.
 - ``io.containerd.grpc.v1.snapshots``: the ``containerd.services.snapshots.v1`` servicer.
 
-Both snapshotters accept ``root_path`` (as containerd's overlayfs plugin does) to keep
+Both keep their snapshot tables in the metadata database (``<id>_snapshots``), so that a
+Prepare or Commit is one transaction (see ``snapshots.storage``). Both accept ``root_path`` (as containerd's overlayfs plugin does) to keep
 their data somewhere other than the plugin root.
 """
 
@@ -52,21 +53,27 @@ def _root(ic: InitContext) -> Path:
     return root
 
 
-def _open_overlay(ic: InitContext) -> OverlaySnapshotter:
+def _table(ic: InitContext) -> str:
+    """The snapshotter's table in the metadata database."""
+    return f"{ic.registration.id}_snapshots"
+
+
+def _open_overlay(ic: InitContext, db: MetadataDB) -> OverlaySnapshotter:
     root = _root(ic)
     try:
         check_supported(root)
     except OSError as exc:
         raise SkipPlugin(f"overlayfs is not supported on {root}: {exc}") from exc
-    return OverlaySnapshotter(root)
+    return OverlaySnapshotter(root, db=db, table=_table(ic))
 
 
 async def _init_overlayfs(ic: InitContext) -> OverlaySnapshotter:
-    return await asyncio.to_thread(_open_overlay, ic)
+    return await asyncio.to_thread(_open_overlay, ic, ic.get(PluginType.METADATA, MetadataDB))
 
 
 async def _init_native(ic: InitContext) -> NativeSnapshotter:
-    return await asyncio.to_thread(lambda: NativeSnapshotter(_root(ic)))
+    db = ic.get(PluginType.METADATA, MetadataDB)
+    return await asyncio.to_thread(lambda: NativeSnapshotter(_root(ic), db=db, table=_table(ic)))
 
 
 async def _init_service(ic: InitContext) -> SnapshotService:
@@ -81,10 +88,18 @@ async def _init_grpc(ic: InitContext) -> SnapshotsServicer:
 
 
 overlayfs = Registration(
-    type=PluginType.SNAPSHOTTER, id="overlayfs", init=_init_overlayfs, config=SnapshotterConfig
+    type=PluginType.SNAPSHOTTER,
+    id="overlayfs",
+    init=_init_overlayfs,
+    config=SnapshotterConfig,
+    requires=(PluginType.METADATA,),
 )
 native = Registration(
-    type=PluginType.SNAPSHOTTER, id="native", init=_init_native, config=SnapshotterConfig
+    type=PluginType.SNAPSHOTTER,
+    id="native",
+    init=_init_native,
+    config=SnapshotterConfig,
+    requires=(PluginType.METADATA,),
 )
 snapshots_service = Registration(
     type=PluginType.SERVICE,

@@ -2,17 +2,21 @@
 
 Layout of a snapshotter root (mode 0700)::
 
-    metadata.db            the MetaStore (sqlite, WAL)
+    metadata.db            the FileStore (sqlite, WAL) of a standalone snapshotter; in the
+                           daemon the table lives in the metadata database (SharedStore)
     snapshots/<id>/fs      the snapshot's files (0755)
     snapshots/<id>/work    overlay's work dir, active snapshots only (0711)
     snapshots/new-*        a snapshot being created (crash leftovers are reclaimed by cleanup)
 
 Creation follows containerd's crash-consistent order: build everything in a ``new-*``
 temporary directory, run the metastore transaction, rename the directory to its id
-inside that transaction, and remove it again if the commit fails. Removal commits the
-transaction first and deletes the directory afterwards, off the caller's path on a
-background thread; a crash in between leaves a directory no id names, which ``cleanup``
-reclaims (``cleanup`` first waits for queued removals).
+inside that transaction, and remove it again if the commit fails (with a SharedStore,
+when the enclosing metadata transaction rolls back). Removal commits the transaction
+first and deletes the directory afterwards, off the caller's path on a background thread;
+a crash in between leaves a directory no id names, which ``cleanup`` reclaims (``cleanup``
+first waits for queued removals). A crash after the rename but before the commit leaves
+a directory under an id the next snapshot is given again: creation removes such a stale
+directory first.
 
 Each public (async) operation is exactly one ``asyncio.to_thread`` hop into the
 synchronous ``<name>_sync`` method, which the namespaced layer may also call directly from
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -40,9 +45,9 @@ from pycontainerd.snapshots import storage
 from pycontainerd.snapshots.snapshotter import Info, Kind, Usage, filter_infos
 
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Mapping, Sequence
 
+    from pycontainerd.metadata.db import MetadataDB
     from pycontainerd.snapshots.mount import Mount
 
 __all__ = ["SMALL_SNAPSHOT", "LocalSnapshotter", "disk_usage", "small_disk_usage"]
@@ -100,12 +105,12 @@ def _walk_usage(root: Path, limit: int | None) -> Usage | None:
     return Usage(size=size, inodes=len(seen))
 
 
-def _committable(conn: sqlite3.Connection, name: str, key: str) -> str:
+def _committable(tx: storage.Txn, name: str, key: str) -> str:
     """The id of active snapshot ``key``, to be committed as ``name`` (AlreadyExists,
     NotFound or FailedPrecondition otherwise)."""
-    if storage.lookup(conn, name) is not None:
+    if tx.lookup(name) is not None:
         raise AlreadyExists(f"committed snapshot {name!r}")
-    sid, info, _ = storage.get_info(conn, key)
+    sid, info, _ = tx.get_info(key)
     if info.kind != Kind.ACTIVE:
         raise FailedPrecondition(f"snapshot {key!r} is not active")
     return sid
@@ -141,18 +146,37 @@ class LocalSnapshotter:
     copies_parent = False
     cheap_create = True
 
-    def __init__(self, root: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        synchronous: str = "FULL",
+        db: MetadataDB | None = None,
+        table: str = "",
+    ) -> None:
+        """A snapshotter at ``root``. With ``db`` (call from a worker thread, not the
+        loop) its snapshot table is ``table`` in that metadata database, else a file of
+        its own in ``root``."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
-        self._ms = storage.MetaStore(self.root / "metadata.db", synchronous=synchronous)
+        self._ms: storage.MetaStore
+        if db is not None:
+            self._ms = storage.SharedStore.open(db, table, self.root, self.snapshots_dir)
+        else:
+            self._ms = storage.FileStore(self.root / "metadata.db", synchronous=synchronous)
         # Temp dirs under construction outside the metastore lock; cleanup skips them.
         self._pending: set[str] = set()
         self._pid = os.getpid()
         self._names = itertools.count()
         self._pending_lock = threading.Lock()
         self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-reaper")
+
+    @property
+    def shares_transactions(self) -> bool:
+        """Whether writes made on the metadata database thread join its transaction."""
+        return self._ms.shares_transactions
 
     # --- paths and hooks ----------------------------------------------------------------
 
@@ -227,25 +251,20 @@ class LocalSnapshotter:
     # --- synchronous operations ---------------------------------------------------------
 
     def stat_sync(self, key: str) -> Info:
-        with self._ms.read() as conn:
-            return storage.get_info(conn, key)[1]
+        return self._ms.read(lambda tx: tx.get_info(key)[1])
 
     def update_sync(self, info: Info, fieldpaths: tuple[str, ...]) -> Info:
-        with self._ms.write() as conn:
-            return storage.update_info(conn, info, fieldpaths)
+        return self._ms.write(lambda tx: tx.update_info(info, fieldpaths))
 
     def usage_sync(self, key: str) -> Usage:
-        with self._ms.read() as conn:
-            sid, info, recorded = storage.get_info(conn, key)
+        sid, info, recorded = self._ms.read(lambda tx: tx.get_info(key))
         if info.kind == Kind.ACTIVE:
             # Measured outside the lock: walking a big layer must not stall the others.
             return disk_usage(self.fs_path(sid))
         return recorded
 
     def mounts_sync(self, key: str) -> list[Mount]:
-        with self._ms.read() as conn:
-            snap = storage.get_snapshot(conn, key)
-        return self._mounts(snap)
+        return self._mounts(self._ms.read(lambda tx: tx.get_snapshot(key)))
 
     def create_sync(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
@@ -254,22 +273,29 @@ class LocalSnapshotter:
         parent_fs: Path | None = None
         if self.copies_parent and parent:
             # Resolve (and fail fast) before the possibly long copy of the parent's tree.
-            with self._ms.read() as conn:
-                if storage.lookup(conn, key) is not None:
+
+            def resolve(tx: storage.Txn) -> Path:
+                if tx.lookup(key) is not None:
                     raise AlreadyExists(f"snapshot {key!r}")
-                parent_fs = self.fs_path(storage.parent_id(conn, parent))
+                return self.fs_path(tx.parent_id(parent))
+
+            parent_fs = self._ms.read(resolve)
         with self._pending_lock:
             td = self._new_dir()
             self._pending.add(td.name)
         final: Path | None = None
+
+        def insert(tx: storage.Txn) -> storage.Snapshot:
+            nonlocal final
+            snap = tx.create_snapshot(kind, key, parent, labels)
+            self._adopt(td, snap)
+            final = self.snapshots_dir / snap.id
+            self._place(td, final)
+            return snap
+
         try:
             self._populate(td, kind, parent_fs)
-            with self._ms.write() as conn:
-                snap = storage.create_snapshot(conn, kind, key, parent, labels)
-                self._adopt(td, snap)
-                final = self.snapshots_dir / snap.id
-                os.rename(td, final)
-            final = None
+            snap = self._ms.write(insert)
         except BaseException:
             shutil.rmtree(td, ignore_errors=True)
             if final is not None:  # renamed, but the transaction did not commit
@@ -278,19 +304,37 @@ class LocalSnapshotter:
         finally:
             with self._pending_lock:
                 self._pending.discard(td.name)
+        placed = final
+        assert placed is not None
+        self._ms.on_rollback(lambda: _remove_dir(placed))
         return self._mounts(snap)
+
+    def _place(self, td: Path, final: Path) -> None:
+        """Rename ``td`` to the new snapshot's ``final`` directory. One already there is a
+        crash's leftover under an id never committed (ids are handed out once): it goes."""
+        try:
+            os.rename(td, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.warning("snapshot dir %s left by a crash: removed", final)
+            shutil.rmtree(final)
+            os.rename(td, final)
 
     def commit_sync(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         labels = labelutil.validate(labels)
         for _ in range(3):
-            with self._ms.read() as conn:
-                sid = _committable(conn, name, key)
+            sid = self._ms.read(lambda tx: _committable(tx, name, key))
             usage = disk_usage(self.fs_path(sid))  # outside the lock, like _usage
-            with self._ms.write() as conn:
-                found = storage.lookup(conn, key)
+
+            def record(tx: storage.Txn, sid: str = sid, usage: Usage = usage) -> bool:
+                found = tx.lookup(key)
                 if found is not None and str(found[0]) != sid:
-                    continue  # key was removed and prepared again meanwhile: measure again
-                storage.commit_active(conn, key, name, usage, labels)
+                    return False  # key was removed and prepared again: measure again
+                tx.commit_active(key, name, usage, labels)
+                return True
+
+            if self._ms.write(record):
                 return
         raise FailedPrecondition(f"snapshot {key!r} keeps changing during commit")
 
@@ -299,32 +343,42 @@ class LocalSnapshotter:
         most ``SMALL_SNAPSHOT`` entries (measured inside it: quick); False, with nothing
         done, for a bigger one (use ``commit_sync``, which measures outside the lock)."""
         labels = labelutil.validate(labels)
-        with self._ms.write() as conn:
-            usage = small_disk_usage(self.fs_path(_committable(conn, name, key)), SMALL_SNAPSHOT)
+
+        def commit(tx: storage.Txn) -> bool:
+            usage = small_disk_usage(self.fs_path(_committable(tx, name, key)), SMALL_SNAPSHOT)
             if usage is None:
                 return False
-            storage.commit_active(conn, key, name, usage, labels)
-        return True
+            tx.commit_active(key, name, usage, labels)
+            return True
+
+        return self._ms.write(commit)
 
     def remove_sync(self, key: str) -> None:
-        with self._ms.write() as conn:
-            sid, _ = storage.remove(conn, key)
-        # The snapshot is gone once the transaction commits; its directory is deleted in
-        # the background (containerd's overlay removes asynchronously too). A failure or
-        # crash only leaves an orphan that cleanup reclaims.
-        self._reaper.submit(_remove_dir, self.snapshots_dir / sid)
+        sid, _ = self._ms.write(lambda tx: tx.remove(key))
+        # The snapshot is gone once the transaction commits; its directory is deleted then,
+        # in the background (containerd's overlay removes asynchronously too). A failure
+        # or crash only leaves an orphan that cleanup reclaims.
+        self._ms.after_commit(lambda: self._reaper.submit(_remove_dir, self.snapshots_dir / sid))
 
     def remove_many_sync(self, keys: Sequence[str]) -> list[tuple[str, Exception]]:
         failed: list[tuple[str, Exception]] = []
-        sids: list[str] = []
-        with self._ms.write() as conn:
+
+        def remove(tx: storage.Txn) -> list[str]:
+            sids: list[str] = []
             for key in keys:
                 try:
-                    sids.append(storage.remove(conn, key)[0])
+                    sids.append(tx.remove(key)[0])
                 except (NotFound, FailedPrecondition) as exc:  # checked before any change
                     failed.append((key, exc))
-        for sid in sids:
-            self._reaper.submit(_remove_dir, self.snapshots_dir / sid)
+            return sids
+
+        sids = self._ms.write(remove)
+
+        def reap() -> None:
+            for sid in sids:
+                self._reaper.submit(_remove_dir, self.snapshots_dir / sid)
+
+        self._ms.after_commit(reap)
         return failed
 
     def flush_removals(self) -> None:
@@ -332,21 +386,23 @@ class LocalSnapshotter:
         self._reaper.submit(lambda: None).result()
 
     def walk_sync(self, filter_strings: tuple[str, ...]) -> list[Info]:
-        with self._ms.read() as conn:
-            infos = storage.walk(conn)
-        return filter_infos(infos, filter_strings)
+        return filter_infos(self._ms.read(lambda tx: tx.walk()), filter_strings)
 
     def cleanup_sync(self) -> None:
         self.flush_removals()
-        # The write lock keeps new snapshots from appearing between listing and checking.
-        with self._ms.write() as conn, self._pending_lock:
-            known = storage.ids(conn)
-            orphans = [
-                self.snapshots_dir / d
-                for d in os.listdir(self.snapshots_dir)
-                if d not in known and d not in self._pending
-            ]
-        for path in orphans:
+
+        # The write transaction keeps new snapshots from appearing between listing and
+        # checking.
+        def orphans(tx: storage.Txn) -> list[Path]:
+            with self._pending_lock:
+                known = tx.ids()
+                return [
+                    self.snapshots_dir / d
+                    for d in os.listdir(self.snapshots_dir)
+                    if d not in known and d not in self._pending
+                ]
+
+        for path in self._ms.write(orphans):
             _remove_dir(path)
 
     def close_sync(self) -> None:

@@ -16,7 +16,9 @@ Order of work, as containerd's ``metadata/snapshot.go`` with sqlite instead of b
   transaction on the database thread; a bigger one on a worker thread: check (a read on
   that thread's own connection), commit in the backend (which walks the snapshot for its
   disk usage, too slow for the database thread), then record;
-- remove: delete the row (and its lease references) first; the backend snapshot is then
+- remove: with a backend whose table shares the metadata database (overlayfs and native
+  in the daemon), delete both rows in one transaction, the directory after it commits.
+  Otherwise delete the row (and its lease references) first; the backend snapshot is then
   removed in the background, in order, off the caller's path, after a short linger that
   lets a burst of removals share one backend transaction (containerd leaves it to
   garbage collection entirely). A crash in between leaves a backend orphan for GC.
@@ -163,9 +165,18 @@ class NamespacedSnapshotter:
     async def mounts(self, key: str) -> list[Mount]:
         ns = namespaces.namespace_required()
         sn = self.name
-        row = await self._db.view(lambda c: records.must(c, ns, sn, key))
-        if row.kind == Kind.COMMITTED:
-            raise FailedPrecondition(f"snapshot {key!r} is committed, it has no mounts")
+        sync = self._sync
+
+        def active(c: sqlite3.Connection) -> records.Row:
+            row = records.must(c, ns, sn, key)
+            if row.kind == Kind.COMMITTED:
+                raise FailedPrecondition(f"snapshot {key!r} is committed, it has no mounts")
+            return row
+
+        if sync is not None and sync.shares_transactions:
+            # Both rows on the database thread: one hop.
+            return await self._db.view(lambda c: sync.mounts_sync(active(c).backend_key))
+        row = await self._db.view(active)
         return await self.backend.mounts(row.backend_key)
 
     async def walk(self, filter_strings: Sequence[str] = ()) -> list[Info]:
@@ -247,7 +258,8 @@ class NamespacedSnapshotter:
                 try:
                     return await _finish(self._db.update(in_txn))
                 except BaseException:
-                    if created:
+                    # A backend sharing the transaction was rolled back with it.
+                    if created and not sync.shares_transactions:
                         await asyncio.to_thread(self._discard_sync, sync, bkey)
                     raise
             bparent = await self._db.view(check)
@@ -345,7 +357,7 @@ class NamespacedSnapshotter:
                 try:
                     done = await _finish(self._db.update(in_txn))
                 except BaseException:
-                    if committed:
+                    if committed and not sync.shares_transactions:
                         lost(bname)
                     raise
             if not done and sync is not None:
@@ -385,9 +397,26 @@ class NamespacedSnapshotter:
             records.delete(conn, ns, sn, key, self._lease_type)
             return row.backend_key
 
+        sync = self._sync
         async with self._lock:
-            bkey = await self._db.update(record)
-            self._queue_removal(bkey)
+            if sync is not None and sync.shares_transactions:
+                # Both rows go in one transaction (the directory after it commits).
+
+                def in_txn(conn: sqlite3.Connection) -> None:
+                    bkey = record(conn)
+                    try:
+                        sync.remove_sync(bkey)
+                    except PycdError as exc:  # undone alone; GC's prune retries
+                        log.error(
+                            "snapshotter %s: unreferenced snapshot %r not removed: %s",
+                            sn,
+                            bkey,
+                            exc,
+                        )
+
+                await self._db.update(in_txn)
+            else:
+                self._queue_removal(await self._db.update(record))
         self._publish(TOPIC_REMOVE, snapshot_pb2.SnapshotRemove(key=key), ns)
 
     async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:

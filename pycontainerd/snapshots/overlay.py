@@ -24,6 +24,7 @@ from pycontainerd.snapshots.mount import Mount, unmount_all
 from pycontainerd.snapshots.snapshotter import Kind
 
 if TYPE_CHECKING:
+    from pycontainerd.metadata.db import MetadataDB
     from pycontainerd.snapshots import storage
 
 __all__ = ["OverlaySnapshotter", "check_supported"]
@@ -56,8 +57,15 @@ def check_supported(root: Path) -> None:
 class OverlaySnapshotter(LocalSnapshotter):
     """Snapshots as overlayfs layers under ``root``."""
 
-    def __init__(self, root: Path, *, synchronous: str = "FULL") -> None:
-        super().__init__(root, synchronous=synchronous)
+    def __init__(
+        self,
+        root: Path,
+        *,
+        synchronous: str = "FULL",
+        db: MetadataDB | None = None,
+        table: str = "",
+    ) -> None:
+        super().__init__(root, synchronous=synchronous, db=db, table=table)
         self.index_off = _INDEX_PARAM.exists()
 
     def _populate(self, td: Path, kind: Kind, parent_fs: Path | None) -> None:

@@ -162,11 +162,17 @@ class SyncSnapshotter(Protocol):
     # Whether create_sync is cheap (a few directories and a metastore row, never a copy
     # of the parent's data), so that it may run on the metadata database's thread.
     cheap_create: bool
+    # Whether its writes made on the metadata database's thread join the transaction in
+    # progress there: then a failure of that transaction undoes the backend's work too.
+    shares_transactions: bool
 
     def create_sync(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
     ) -> list[Mount]:
         """``prepare`` (kind ACTIVE) or ``view`` (kind VIEW)."""
+
+    def mounts_sync(self, key: str) -> list[Mount]:
+        """``mounts``."""
 
     def commit_sync(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         """``commit``."""

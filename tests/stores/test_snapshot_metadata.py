@@ -56,11 +56,19 @@ def use(ns: str | None, lease: str | None = None) -> None:
     namespaces.current_lease.set(lease)
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+# Where the backend keeps its snapshot table: a file of its own, or (as in the daemon) a
+# table of the metadata database that shares its transactions.
+STORES = ["file", "shared"]
+
+
+@pytest.fixture(params=STORES)
+async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
     db = MetadataDB(tmp_path / "meta.db")
     await db.open()
-    backend = NativeSnapshotter(tmp_path / "native")
+    shared = db if request.param == "shared" else None
+    backend = await asyncio.to_thread(
+        NativeSnapshotter, tmp_path / "native", db=shared, table="native_snapshots"
+    )
     rec = Recorder()
     svc = SnapshotService(db, {"native": backend}, rec)
     use("default")
@@ -275,9 +283,9 @@ async def test_update_usage_walk(env: Env) -> None:
         await sn.walk(["labels.=="])
 
 
-@pytest.fixture
+@pytest.fixture(params=STORES)
 async def overlay(
-    tmp_path: Path,
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[NamespacedSnapshotter, OverlaySnapshotter]]:
     """The namespaced layer over a real overlayfs backend (skips where overlay is refused)."""
     try:
@@ -286,7 +294,10 @@ async def overlay(
         pytest.skip(f"overlayfs not usable here: {exc}")
     db = MetadataDB(tmp_path / "meta.db")
     await db.open()
-    backend = OverlaySnapshotter(tmp_path / "overlay")
+    shared = db if request.param == "shared" else None
+    backend = await asyncio.to_thread(
+        OverlaySnapshotter, tmp_path / "overlay", db=shared, table="overlayfs_snapshots"
+    )
     try:
         use("default")
         yield SnapshotService(db, {"overlayfs": backend}).get("overlayfs"), backend

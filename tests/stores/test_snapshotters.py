@@ -11,6 +11,7 @@ import asyncio
 import errno
 import os
 import stat
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from pycontainerd.errdefs import (
     InvalidArgument,
     NotFound,
 )
+from pycontainerd.metadata.db import MetadataDB
 from pycontainerd.snapshots.local import SMALL_SNAPSHOT
 from pycontainerd.snapshots.mount import Mount, compact_lowerdir, temp_mount
 from pycontainerd.snapshots.native import NativeSnapshotter
@@ -37,21 +39,47 @@ pytestmark = pytest.mark.root
 Fn = Callable[[Path], object]
 
 
-def _make(kind: str, root: Path) -> LocalSnapshotter:
+def _make(kind: str, root: Path, db: MetadataDB | None = None) -> LocalSnapshotter:
+    cls = OverlaySnapshotter if kind == "overlayfs" else NativeSnapshotter
     if kind == "overlayfs":
         try:
             check_supported(root.parent / "overlay-probe")
         except OSError as exc:
             pytest.skip(f"overlayfs not usable here: {exc}")
-        return OverlaySnapshotter(root)
-    return NativeSnapshotter(root)
+    return cls(root, db=db, table=f"{kind}_snapshots")
 
 
-@pytest.fixture(params=["native", "overlayfs"])
+# The metadata database each snapshotter under test keeps its table in (None: its own
+# file), to open it again.
+_DBS: weakref.WeakKeyDictionary[LocalSnapshotter, MetadataDB | None] = weakref.WeakKeyDictionary()
+
+
+async def reopen(sn: LocalSnapshotter) -> LocalSnapshotter:
+    db = _DBS[sn]
+    table = f"{'overlayfs' if isinstance(sn, OverlaySnapshotter) else 'native'}_snapshots"
+    return await asyncio.to_thread(type(sn), sn.root, db=db, table=table)
+
+
+# Each backend with its snapshot table in a file of its own, and in a metadata database
+# (as the daemon has it).
+@pytest.fixture(
+    params=[("native", "file"), ("overlayfs", "file"), ("native", "db"), ("overlayfs", "db")],
+    ids="-".join,
+)
 async def sn(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalSnapshotter]:
-    s = _make(request.param, tmp_path / request.param)
-    yield s
-    await s.close()
+    kind, store = request.param
+    db: MetadataDB | None = None
+    if store == "db":
+        db = MetadataDB(tmp_path / "meta.db")
+        await db.open()
+    try:
+        s = await asyncio.to_thread(_make, kind, tmp_path / kind, db)
+        _DBS[s] = db
+        yield s
+        await s.close()
+    finally:
+        if db is not None:
+            await db.close()
 
 
 def _in_mount(mounts: list[Mount], fn: Fn) -> object:
@@ -473,7 +501,7 @@ async def test_state_survives_reopen(sn: LocalSnapshotter) -> None:
     await layer(sn, "l1", "", write("f", "x"))
     await sn.prepare("a", "l1", labels={"k": "v"})
     await sn.close()
-    again = type(sn)(sn.root)
+    again = await reopen(sn)
     try:
         assert dict((await again.stat("a")).labels) == {"k": "v"}
         assert await in_mount(await again.mounts("a"), read_tree) == {"f": "x"}
