@@ -12,8 +12,9 @@ and the gRPC API.
 - ``io.containerd.grpc.v1.snapshots``: the ``containerd.services.snapshots.v1`` servicer.
 
 Both keep their snapshot tables in the metadata database (``<id>_snapshots``), so that a
-Prepare or Commit is one transaction (see ``snapshots.storage``). Both accept ``root_path`` (as containerd's overlayfs plugin does) to keep
-their data somewhere other than the plugin root.
+Prepare or Commit is one transaction (see ``snapshots.storage``). Both accept
+``root_path`` (as containerd's overlayfs plugin does) to keep their data somewhere other
+than the plugin root.
 """
 
 from __future__ import annotations
