@@ -13,6 +13,7 @@ Mount shapes, as ``ctr`` and the runtime expect (containerd's ``snapshots/overla
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -24,7 +25,6 @@ from pycontainerd.snapshots.mount import Mount, unmount_all
 from pycontainerd.snapshots.snapshotter import Kind
 
 if TYPE_CHECKING:
-    from pycontainerd.metadata.db import MetadataDB
     from pycontainerd.snapshots import storage
 
 __all__ = ["OverlaySnapshotter", "check_supported"]
@@ -57,16 +57,10 @@ def check_supported(root: Path) -> None:
 class OverlaySnapshotter(LocalSnapshotter):
     """Snapshots as overlayfs layers under ``root``."""
 
-    def __init__(
-        self,
-        root: Path,
-        *,
-        synchronous: str = "FULL",
-        db: MetadataDB | None = None,
-        table: str = "",
-    ) -> None:
-        super().__init__(root, synchronous=synchronous, db=db, table=table)
-        self.index_off = _INDEX_PARAM.exists()
+    @functools.cached_property
+    def index_off(self) -> bool:
+        """Whether the kernel knows overlay's ``index`` option (then mounts say ``off``)."""
+        return _INDEX_PARAM.exists()
 
     def _populate(self, td: Path, kind: Kind, parent_fs: Path | None) -> None:
         fs = td / "fs"
