@@ -3,14 +3,15 @@
 Runs the cycle over gRPC on a unix socket with the same Python client, in alternating
 batches (so both see the same load on a shared machine), against
 
-- our in-process server (exchange, metadata, snapshotter, snapshots service and servicer
-  loaded through their plugin registrations, production interceptor), and
+- our daemon, started as a process (``python -m pycontainerd serve``) on private paths
+  with the default configuration, and
 - Debian's real containerd 1.6 on private paths, when ``containerd`` is installed
   (``--no-containerd`` skips it),
 
-and prints the median and p90 of each. Needs root (snapshot dirs are chowned; overlayfs).
+and prints the median and p90 of each, and each daemon's CPU per cycle. Needs root
+(snapshot dirs are chowned; overlayfs).
 
-    .venv/bin/python tests/bench/bench_snapshots.py [--cycles 300] [--snapshotter overlayfs]
+    .venv/bin/python -m tests.bench.bench_snapshots [--cycles 300] [--snapshotter overlayfs]
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import contextlib
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,15 +34,12 @@ sys.path.insert(0, str(REPO))
 from pycontainerd.api.services.leases.v1 import leases_pb2, leases_pb2_grpc  # noqa: E402
 from pycontainerd.api.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
 from pycontainerd.api.services.snapshots.v1 import snapshots_pb2_grpc  # noqa: E402
-from pycontainerd.config import Config  # noqa: E402
-from pycontainerd.grpc.interceptors import ContextInterceptor  # noqa: E402
-from pycontainerd.plugin import PluginType, Registry  # noqa: E402
-from pycontainerd.plugins import core, events  # noqa: E402
-from pycontainerd.plugins import snapshots as snapshot_plugins  # noqa: E402
-from pycontainerd.server.plugins import close_plugins, load_plugins  # noqa: E402
+from tests.bench.bench_core import QuietDaemon  # noqa: E402
+from tests.bench.common import CONFIG, cpu_seconds  # noqa: E402
+from tests.support.containerd import Containerd  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from tests.support.daemon import Daemon
 
 NS = (("containerd-namespace", "bench"),)
 
@@ -104,40 +101,6 @@ class Target:
         await self.channel.close()
 
 
-@contextlib.asynccontextmanager
-async def our_server() -> AsyncIterator[str]:
-    """Our plugins and servicers in this process; yields the socket path."""
-    base = Path(tempfile.mkdtemp(prefix="pcd-bench-", dir="/tmp"))
-    registry = Registry(
-        [
-            events.exchange,
-            core.metadata,
-            core.leases_service,
-            core.leases,
-            snapshot_plugins.overlayfs,
-            snapshot_plugins.native,
-            snapshot_plugins.snapshots_service,
-            snapshot_plugins.service,
-        ]
-    )
-    cfg = Config(root=str(base / "root"), state=str(base / "state"))
-    plugins = await load_plugins(registry, cfg, address="", ttrpc_address="")
-    server = grpc.aio.server(interceptors=[ContextInterceptor()])
-    try:
-        for grpc_id in ("snapshots", "leases"):
-            grpc_plugin = plugins.get(PluginType.GRPC, grpc_id)
-            assert grpc_plugin is not None and grpc_plugin.ok, grpc_plugin and grpc_plugin.error
-            grpc_plugin.instance.register(server)
-        address = str(base / "grpc.sock")
-        server.add_insecure_port(f"unix://{address}")
-        await server.start()
-        yield address
-    finally:
-        await server.stop(None)
-        await close_plugins(plugins)
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def report(label: str, samples: list[float]) -> float:
     med = statistics.median(samples)
     p90 = statistics.quantiles(samples, n=10)[-1]
@@ -155,15 +118,14 @@ async def main() -> int:
     args = ap.parse_args()
     compare = not args.no_containerd and shutil.which("containerd") is not None
     async with contextlib.AsyncExitStack() as stack:
-        targets = {
-            "pycontainerd": Target(await stack.enter_async_context(our_server()), args.snapshotter)
-        }
+        daemons: dict[str, Daemon] = {"pycontainerd": QuietDaemon(config=CONFIG)}
         if compare:
-            from tests.support.containerd import Containerd
-
-            ctd = Containerd().start()
-            stack.callback(ctd.cleanup)
-            targets["containerd"] = Target(ctd.address, args.snapshotter)
+            daemons["containerd"] = Containerd()
+        for d in daemons.values():
+            stack.callback(d.cleanup)
+            d.start()
+        targets = {label: Target(d.address, args.snapshotter) for label, d in daemons.items()}
+        cpu = dict.fromkeys(targets, 0.0)
         for t in targets.values():
             await t.open()
             stack.push_async_callback(t.close)
@@ -172,10 +134,16 @@ async def main() -> int:
         done = 0
         while done < args.cycles:
             n = min(args.batch, args.cycles - done)
-            for t in targets.values():
+            for label, t in targets.items():
+                proc = daemons[label].proc
+                assert proc is not None
+                c0 = cpu_seconds(proc.pid)
                 await t.run(n)
+                cpu[label] += cpu_seconds(proc.pid) - c0
             done += n
         medians = {label: report(label, t.samples) for label, t in targets.items()}
+        for label, t in targets.items():
+            print(f"{label:>12}: daemon CPU {cpu[label] / len(t.samples) * 1e3:.2f} ms per cycle")
     if not compare:
         print("containerd not compared (missing or --no-containerd)")
         return 0
