@@ -60,7 +60,7 @@ def test_config_default_is_valid_input_to_serve(tmp_path: Path) -> None:
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, needle: str) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(text)
-    sock = f"/tmp/pcd-bad-{os.getpid()}.sock"
+    sock = str(tmp_path / "pcd.sock")  # its .lock stays in tmp_path, not in /tmp
     res = run_cli(
         "serve",
         "--config",
