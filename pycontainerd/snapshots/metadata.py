@@ -402,19 +402,8 @@ class NamespacedSnapshotter:
             if sync is not None and sync.shares_transactions:
                 # Both rows go in one transaction (the directory after it commits).
 
-                def in_txn(conn: sqlite3.Connection) -> None:
-                    bkey = record(conn)
-                    try:
-                        sync.remove_sync(bkey)
-                    except PycdError as exc:  # undone alone; GC's prune retries
-                        log.error(
-                            "snapshotter %s: unreferenced snapshot %r not removed: %s",
-                            sn,
-                            bkey,
-                            exc,
-                        )
-
-                await self._db.update(in_txn)
+                # A backend failure is undone alone (a savepoint); GC's prune retries.
+                await self._db.update(lambda conn: self._discard_sync(sync, record(conn)))
             else:
                 self._queue_removal(await self._db.update(record))
         self._publish(TOPIC_REMOVE, snapshot_pb2.SnapshotRemove(key=key), ns)
