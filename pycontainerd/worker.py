@@ -79,7 +79,7 @@ class Worker:
     def close(self, wait: bool = True) -> None:
         self._closed = True
         self._stop()  # the end marker, once
-        if wait and self._thread is not threading.current_thread():
+        if wait and not self.in_thread():
             self._thread.join()
 
     def _put(self, job: _Job) -> None:

@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class _Hooks:
+    """What to run when the update in progress ends."""
+
+    __slots__ = ("committed", "rolled_back")
+
+    def __init__(self) -> None:
+        self.committed: list[Callable[[], object]] = []
+        self.rolled_back: list[Callable[[], object]] = []
+
+
 class MetadataDB:
     """A sqlite database served by a single worker thread."""
 
@@ -52,7 +62,7 @@ class MetadataDB:
         self._readers_lock = threading.Lock()
         self._closed = False
         # While an update runs: what to do after it commits / when it rolls back.
-        self._hooks: tuple[list[Callable[[], object]], list[Callable[[], object]]] | None = None
+        self._hooks: _Hooks | None = None
 
     async def open(self) -> None:
         from pycontainerd.metadata import schema
@@ -171,15 +181,13 @@ class MetadataDB:
 
     def after_commit(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the database thread once the ``update`` in progress commits."""
-        self._current_hooks()[0].append(fn)
+        self._current_hooks().committed.append(fn)
 
     def on_rollback(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the database thread if the ``update`` in progress rolls back."""
-        self._current_hooks()[1].append(fn)
+        self._current_hooks().rolled_back.append(fn)
 
-    def _current_hooks(
-        self,
-    ) -> tuple[list[Callable[[], object]], list[Callable[[], object]]]:
+    def _current_hooks(self) -> _Hooks:
         if not self.in_update():
             raise RuntimeError("no update in progress on this thread")
         assert self._hooks is not None
@@ -187,8 +195,7 @@ class MetadataDB:
 
     def _update_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._connection()
-        hooks: tuple[list[Callable[[], object]], list[Callable[[], object]]] = ([], [])
-        self._hooks = hooks
+        hooks = self._hooks = _Hooks()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -197,12 +204,12 @@ class MetadataDB:
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                _run_hooks(hooks[1])
+                _run_hooks(hooks.rolled_back)
                 raise
         finally:
             self._hooks = None
         self.mutations += 1
-        _run_hooks(hooks[0])
+        _run_hooks(hooks.committed)
         return result
 
     def _connection(self) -> sqlite3.Connection:
