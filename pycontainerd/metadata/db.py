@@ -53,8 +53,6 @@ class MetadataDB:
         self._synchronous = synchronous
         self._worker = Worker("metadata-db")
         self._conn: sqlite3.Connection | None = None
-        # Bumped on every committed write; the GC scheduler reads it to decide when to run.
-        self.mutations = 0
         # read_sync's connections, one per worker thread that reads (WAL: readers never
         # block the writer or each other).
         self._local = threading.local()
@@ -208,7 +206,6 @@ class MetadataDB:
                 raise
         finally:
             self._hooks = None
-        self.mutations += 1
         _run_hooks(hooks.committed)
         return result
 
